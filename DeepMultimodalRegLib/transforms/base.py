@@ -1,0 +1,75 @@
+"""The transform interface shared by every method.
+
+A transform maps **fixed-space** physical points to **moving-space** physical points (LPS mm), the
+resampling convention of ITK and of Slicer's "from parent" transforms: the warped moving image at a
+fixed-space point x is ``moving(T(x))``.
+
+Transforms are batched: a transform holds B parameter sets and maps points to B results at once
+(global search evaluates many poses in one call).  Their tensors may require gradients; every
+operation is differentiable with respect to them.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+
+class Transform(abc.ABC):
+    """A batch of B spatial transforms of one kind."""
+
+    #: a short name used in reports and error messages
+    kind: str = "transform"
+
+    @property
+    @abc.abstractmethod
+    def batch_size(self) -> int:
+        """B, the number of transforms held."""
+
+    @property
+    def is_linear(self) -> bool:
+        return False
+
+    @abc.abstractmethod
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors that hold the transform's parameters (for device, dtype and optimisers)."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors()[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensors()[0].dtype
+
+    @abc.abstractmethod
+    def transform_points(self, points: torch.Tensor, batched: bool = False) -> torch.Tensor:
+        """Map physical points to ``[B, ..., 3]``.
+
+        ``points`` is ``[..., 3]``, shared by all B transforms, or with ``batched=True`` it is
+        ``[B, ..., 3]``, one point set per transform (as when composing transforms).
+        """
+
+    @abc.abstractmethod
+    def select(self, index: int) -> "Transform":
+        """The ``index``-th transform of the batch, as a batch of one."""
+
+    @abc.abstractmethod
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Transform":
+        """The same transform with its tensors on another device / dtype."""
+
+    @abc.abstractmethod
+    def detach(self) -> "Transform":
+        """The same transform with its tensors cut from the autograd graph."""
+
+    def expand_points(self, points: torch.Tensor, batched: bool) -> torch.Tensor:
+        """Give ``points`` a leading batch axis of size B (a broadcast view, not a copy)."""
+        if batched:
+            if points.shape[0] not in (1, self.batch_size):
+                raise ValueError(f"points batch {points.shape[0]} does not match transform batch {self.batch_size}")
+            return points.expand(self.batch_size, *points.shape[1:])
+        return points.unsqueeze(0).expand(self.batch_size, *points.shape)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(batch={self.batch_size})"

@@ -1,0 +1,63 @@
+"""Composition of transforms, in ITK's CompositeTransform order.
+
+``CompositeTransform([A, B])`` maps x → A(B(x)): the **last** transform is applied first, exactly
+as ITK's and SimpleITK's CompositeTransform (and as a .h5 composite file lists them).  A typical
+"rigid then B-spline" result is ``CompositeTransform([rigid, bspline])``: the B-spline deforms
+fixed space, then the rigid pose carries it into moving space.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..errors import InvalidParameterError
+from .base import Transform
+
+
+class CompositeTransform(Transform):
+    kind = "composite"
+
+    def __init__(self, transforms: Sequence[Transform]):
+        flat: list[Transform] = []
+        for t in transforms:
+            flat.extend(t.transforms if isinstance(t, CompositeTransform) else [t])
+        if not flat:
+            raise InvalidParameterError("a composite transform needs at least one transform")
+        sizes = {t.batch_size for t in flat} - {1}
+        if len(sizes) > 1:
+            raise InvalidParameterError(f"composed transforms have incompatible batch sizes {sorted(sizes)}")
+        self.transforms = flat
+
+    @property
+    def batch_size(self) -> int:
+        return max(t.batch_size for t in self.transforms)
+
+    @property
+    def is_linear(self) -> bool:
+        return all(t.is_linear for t in self.transforms)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [x for t in self.transforms for x in t.tensors()]
+
+    def transform_points(self, points: torch.Tensor, batched: bool = False) -> torch.Tensor:
+        current, is_batched = points, batched
+        for t in reversed(self.transforms):
+            if is_batched and t.batch_size == 1 and current.shape[0] > 1:
+                # a single transform applied to every element of a batch: fold the batch into points
+                b = current.shape[0]
+                current = t.transform_points(current.reshape(-1, 3)).reshape(b, *current.shape[1:])
+            else:
+                current = t.transform_points(current, batched=is_batched)
+            is_batched = True
+        return current.expand(self.batch_size, *current.shape[1:])
+
+    def select(self, index: int) -> "CompositeTransform":
+        return CompositeTransform([t.select(index if t.batch_size > 1 else 0) for t in self.transforms])
+
+    def to(self, device=None, dtype=None) -> "CompositeTransform":
+        return CompositeTransform([t.to(device, dtype) for t in self.transforms])
+
+    def detach(self) -> "CompositeTransform":
+        return CompositeTransform([t.detach() for t in self.transforms])
