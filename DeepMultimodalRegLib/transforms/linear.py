@@ -116,6 +116,13 @@ class LinearTransform(Transform):
     def identity(cls, batch: int = 1, center=(0.0, 0.0, 0.0), dtype=torch.float64, device=None):
         return cls(cls._identity_parameters(batch, dtype, device), center)
 
+    def inverse(self) -> "AffineTransform":
+        """The inverse map (moving → fixed) about the same centre, as an affine transform."""
+        inv = torch.linalg.inv(self.matrix)
+        # x = A^-1 (y - c - t) + c  →  matrix A^-1, centre c, translation -A^-1 t
+        translation = -(inv @ self.translation.unsqueeze(-1)).squeeze(-1)
+        return AffineTransform.from_matrix(inv, translation, self.center)
+
     @classmethod
     @abc.abstractmethod
     def _identity_parameters(cls, batch: int, dtype, device) -> torch.Tensor:

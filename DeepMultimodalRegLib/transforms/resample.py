@@ -24,8 +24,11 @@ INTERPOLATION_MODES = {"linear": "bilinear", "nearest": "nearest"}
 
 def resample_tensor(data: torch.Tensor, geometry: ImageGeometry, transform: Transform,
                     reference: ImageGeometry, interpolation: str = "linear", default_value: float = 0.0,
-                    chunk_bytes: int = DEFAULT_CHUNK_BYTES, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Resample ``data`` [C, D, H, W] (placed by ``geometry``) onto ``reference``: ``[B, C, *reference.shape]``."""
+                    chunk_bytes: int = DEFAULT_CHUNK_BYTES, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Resample ``data`` [C, D, H, W] (placed by ``geometry``) onto ``reference``: ``[B, C, *reference.shape]``.
+
+    Integer data is resampled as float32; ``out_dtype`` defaults to the (float) data's dtype.
+    """
     if interpolation not in INTERPOLATION_MODES:
         raise InvalidParameterError(f"interpolation must be one of {sorted(INTERPOLATION_MODES)}, got {interpolation!r}")
     if data.dim() != 4:
@@ -37,6 +40,7 @@ def resample_tensor(data: torch.Tensor, geometry: ImageGeometry, transform: Tran
     slab = max(1, int(chunk_bytes // max(1, b * height * width * (_BYTES_PER_POINT + 4 * c))))
     needs_grad = torch.is_grad_enabled() and (data.requires_grad or any(t.requires_grad for t in transform.tensors()))
     image = data if data.is_floating_point() else data.float()
+    out_dtype = out_dtype or image.dtype  # float64 data stays float64 (gradient checks need it)
 
     pieces = []
     out = None if needs_grad else torch.empty(b, c, depth, height, width, dtype=out_dtype, device=data.device)

@@ -1,0 +1,231 @@
+"""``deepmmreg``: register, refine, 2D/3D, DRR, apply, demo, models, train.
+
+Errors the user can fix (the library's :class:`DeepMMRegError`) print one line and exit with 2;
+argument errors also exit with 2 (argparse); success is 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .. import __version__
+from ..errors import DeepMMRegError, NotAvailableError
+
+EXIT_USER_ERROR = 2
+
+REGISTER_METHODS = ("disa-rigid", "disa-affine", "disa-deformable", "mind-rigid", "mind-affine", "mind-deformable",
+                    "lc2-rigid", "msode-rigid", "msode-bspline", "msode-dense", "msode-hybrid", "deep")
+METHODS_2D3D = ("sopi", "sopi+opt", "opt-gc", "opt-ncc", "opt-ngi")
+TRAINABLE = ("disa", "general", "msode", "sopi")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deepmmreg", description="Deep-learning multimodal image registration "
+                                "(DISA-LC², RSO, SOPI, MS-ODE). Physical space is LPS mm; transforms map fixed "
+                                "points to moving points, as ITK and Slicer resample.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("register", help="register a moving volume to a fixed volume")
+    r.add_argument("fixed", type=Path)
+    r.add_argument("moving", type=Path)
+    r.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    r.add_argument("--method", required=True, choices=REGISTER_METHODS)
+    r.add_argument("--search", choices=("local", "global"), default="local")
+    _device_and_seed(r)
+    r.add_argument("--fixed-mask", type=Path)
+    r.add_argument("--moving-mask", type=Path)
+
+    f = sub.add_parser("refine", help="refine a deep registration: whole image (iso) or inside a box (rso)")
+    f.add_argument("fixed", type=Path)
+    f.add_argument("moving", type=Path)
+    f.add_argument("--init", type=Path, required=True, help="output folder of `register --method deep`")
+    f.add_argument("-o", "--output", type=Path, required=True)
+    f.add_argument("--mode", choices=("iso", "rso"), required=True)
+    f.add_argument("--roi", type=_roi, help="box centre and size in fixed-image LPS mm: cx,cy,cz,sx,sy,sz")
+    f.add_argument("--iterations", type=int)
+    _device_and_seed(f)
+
+    x = sub.add_parser("register2d3d", help="register a CT to an X-ray (2D/3D)")
+    x.add_argument("ct", type=Path)
+    x.add_argument("xray", type=Path)
+    x.add_argument("--geometry", type=Path, required=True, help="C-arm geometry JSON")
+    x.add_argument("-o", "--output", type=Path, required=True)
+    x.add_argument("--method", choices=METHODS_2D3D, default="sopi")
+    x.add_argument("--model", type=Path, help="folder of per-patient SOPI networks")
+    _device_and_seed(x)
+
+    d = sub.add_parser("drr", help="render a digitally reconstructed radiograph of a CT")
+    d.add_argument("ct", type=Path)
+    d.add_argument("--geometry", type=Path, required=True)
+    d.add_argument("--pose", type=_floats(6), required=True, help="rx,ry,rz,tx,ty,tz in degrees and mm")
+    d.add_argument("-o", "--output", type=Path, required=True)
+    _device_and_seed(d)
+
+    a = sub.add_parser("apply", help="resample a moving image with a transform file onto a reference grid")
+    a.add_argument("transform", type=Path, help=".tfm/.h5 ITK transform or displacement-field image")
+    a.add_argument("moving", type=Path)
+    a.add_argument("--reference", type=Path, required=True, help="image whose grid the output takes")
+    a.add_argument("-o", "--output", type=Path, required=True)
+    a.add_argument("--interpolation", choices=("linear", "nearest"), default=None,
+                   help="default: nearest for integer label images, linear otherwise")
+    a.add_argument("--default-value", type=float, default=0.0, help="value outside the moving image (default 0)")
+    a.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+    m = sub.add_parser("demo", help="run the available methods on the embedded sample and write a report")
+    m.add_argument("-o", "--output", type=Path, default=Path("demo_output"))
+    _device_and_seed(m)
+
+    s = sub.add_parser("models", help="list the shipped networks")
+    s.add_argument("--json", action="store_true")
+
+    t = sub.add_parser("train", help="train a network with this project's recipes")
+    t.add_argument("what", choices=TRAINABLE)
+    t.add_argument("inputs", nargs="*", type=Path)
+    t.add_argument("-o", "--output", type=Path, required=True)
+    t.add_argument("--geometry", type=Path)
+    t.add_argument("--quick", action="store_true")
+    _device_and_seed(t)
+    return p
+
+
+def _device_and_seed(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _floats(n: int):
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {n} comma-separated numbers, got {text!r}")
+        if len(values) != n:
+            raise argparse.ArgumentTypeError(f"expected {n} comma-separated numbers, got {len(values)}")
+        return values
+    return parse
+
+
+def _roi(text: str) -> tuple[float, ...]:
+    values = _floats(6)(text)
+    if min(values[3:]) <= 0:
+        raise argparse.ArgumentTypeError("ROI size must be positive")
+    return values
+
+
+# ---------------------------------------------------------------------------------- commands
+def cmd_apply(args) -> int:
+    from ..device import check_memory, resolve_device
+    from ..image.io import read_image_sitk, read_volume, write_volume
+    from ..image.geometry import ImageGeometry
+    from ..image.validation import require_finite
+    from ..fileio import check_output_path
+    from ..transforms.itk_io import read_transform
+    from ..transforms.resample import warp_volume
+
+    out = check_output_path(args.output, [args.transform, args.moving, args.reference])
+    device = resolve_device(args.device)
+    transform = read_transform(args.transform)
+    moving = read_volume(args.moving)
+    require_finite(moving, "moving")
+    reference = ImageGeometry.from_sitk(read_image_sitk(args.reference))
+    check_memory(reference.voxel_count() * 4 * 24, device, "resampling")
+    interpolation = args.interpolation or ("linear" if moving.data.is_floating_point() else "nearest")
+    warped = warp_volume(moving.to(device), transform.to(device), reference, interpolation, args.default_value)
+    write_volume(warped.to("cpu"), out, protected=[args.transform, args.moving, args.reference])
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_register(args) -> int:
+    from ..fileio import check_output_dir
+    from ..image.io import read_volume
+    from ..image.validation import validate_registration_input
+    from ..methods.registry import RegistrationOptions, get_method
+    from ..progress import CancelToken, TqdmProgress
+
+    info = get_method(args.method)  # fails fast if the method is not available
+    out = check_output_dir(args.output, [args.fixed, args.moving])
+    fixed = read_volume(args.fixed)
+    moving = read_volume(args.moving)
+    validate_registration_input(fixed, "fixed", method=args.method)
+    validate_registration_input(moving, "moving", method=args.method)
+    masks = {k: read_volume(getattr(args, k)) if getattr(args, k) else None for k in ("fixed_mask", "moving_mask")}
+    bar = TqdmProgress(args.method)
+    try:
+        result = info.runner(fixed, moving, RegistrationOptions(search=args.search, device=args.device, seed=args.seed,
+                                                                progress=bar, cancel=CancelToken(), **masks))
+    finally:
+        bar.close()
+    paths = result.save(out, protected=[args.fixed, args.moving])
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ..demo import run_demo
+    from ..progress import TqdmProgress
+
+    bar = TqdmProgress("demo")
+    try:
+        summary = run_demo(args.output, device=args.device, seed=args.seed, progress=bar)
+    finally:
+        bar.close()
+    for e in summary["results"]:
+        if "error" in e:
+            print(f"{e['method']:<34} not run: {e['error']}")
+        else:
+            print(f"{e['method']:<34} mean TRE {e['tre']['mean_mm']:6.2f} mm   {e.get('seconds', 0):6.1f} s")
+    print(f"report: {Path(args.output) / 'index.html'}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from ..weights.manifest import load_manifest
+
+    entries = load_manifest()
+    if args.json:
+        print(json.dumps([e.as_dict() for e in entries], indent=2))
+        return 0
+    if not entries:
+        print("no networks are shipped in this version yet")
+    for e in entries:
+        print(f"{e.name:<24} {e.method:<10} {e.parameters:>10,d} params  sha256 {e.sha256[:16]}…  {e.file}  card: {e.card}")
+    return 0
+
+
+def cmd_not_available(args) -> int:
+    what = {"refine": "interactive refinement (ISO/RSO)", "register2d3d": "2D/3D registration (SOPI)",
+            "drr": "DRR rendering", "train": f"training '{getattr(args, 'what', '')}'"}[args.command]
+    raise NotAvailableError(f"{what} is not available yet in this version")
+
+
+COMMANDS = {"apply": cmd_apply, "register": cmd_register, "demo": cmd_demo, "models": cmd_models,
+            "refine": cmd_not_available, "register2d3d": cmd_not_available, "drr": cmd_not_available,
+            "train": cmd_not_available}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if args.command == "refine" and args.mode == "rso" and args.roi is None:
+        parser.error("--mode rso needs --roi cx,cy,cz,sx,sy,sz")
+    try:
+        return COMMANDS[args.command](args)
+    except DeepMMRegError as exc:
+        print(f"deepmmreg {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"deepmmreg {args.command}: cancelled; no output was changed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

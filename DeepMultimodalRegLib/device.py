@@ -1,0 +1,92 @@
+"""Compute device selection, memory estimates and seeding.
+
+``auto`` picks CUDA when a GPU is usable and the CPU otherwise; nothing in the library hard-codes
+``cuda``.  Before heavy work a method estimates its memory and calls :func:`check_memory`, which
+either says it fits, or raises :class:`InsufficientMemory` so the caller can fall back (coarser
+grid, CPU) with a clear warning instead of crashing mid-way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+
+from .errors import DeviceError
+
+log = logging.getLogger(__name__)
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(choice: str | torch.device | None = "auto") -> torch.device:
+    """Turn ``auto | cpu | cuda | cuda:N`` into a torch device, with a clear error if unusable."""
+    if isinstance(choice, torch.device):
+        choice = str(choice)
+    choice = (choice or "auto").strip().lower()
+    if choice == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError("device 'cuda' was requested but no usable CUDA GPU was found "
+                              "(torch.cuda.is_available() is False); use --device auto or cpu")
+        device = torch.device(choice)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"{choice} was requested but only {torch.cuda.device_count()} GPU(s) exist")
+        return device
+    raise DeviceError(f"unknown device {choice!r}; use one of {', '.join(DEVICE_CHOICES)}")
+
+
+class InsufficientMemory(DeviceError):
+    """The estimated memory of a job exceeds what the device has free."""
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory on ``device``: CUDA's free memory, or the system's available RAM."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8 * 1024 ** 3  # unknown platform: assume a modest machine
+
+
+def check_memory(needed_bytes: int, device: torch.device, what: str = "this job", headroom: float = 0.8) -> None:
+    """Raise :class:`InsufficientMemory` if ``needed_bytes`` exceeds ``headroom`` of the free memory."""
+    free = available_memory_bytes(device)
+    if needed_bytes > headroom * free:
+        raise InsufficientMemory(
+            f"{what} needs about {needed_bytes / 1024 ** 3:.1f} GiB but only {free / 1024 ** 3:.1f} GiB is free on "
+            f"{device}; use a coarser grid, fewer starts, or another device")
+    log.debug("%s: estimated %.2f GiB of %.2f GiB free on %s", what, needed_bytes / 1024 ** 3, free / 1024 ** 3, device)
+
+
+def seed_everything(seed: int | None) -> torch.Generator:
+    """Seed Python, NumPy and torch; returns a torch generator seeded the same way.
+
+    Every random choice in the library (global-search starts, training) goes through a seed.
+    """
+    seed = 0 if seed is None else int(seed)
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"

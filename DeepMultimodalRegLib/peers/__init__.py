@@ -1,0 +1,1 @@
+"""Classical registrations a user would otherwise pick, run on identical inputs for comparison."""

@@ -1,0 +1,54 @@
+"""Shared fixtures: the embedded sample volumes and the real scans of ../shared/data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = REPO / "Resources" / "SampleData"
+SHARED_DATA = Path(os.environ.get("DEEPMMREG_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def shared_scan(relative: str) -> Path:
+    """A real scan from ../shared/data (skips with the reason if this checkout has none)."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"real scan {relative} not found under {SHARED_DATA} (set DEEPMMREG_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def pelvis_ct():
+    """The real abdomen-pelvis CT (3 mm, 122×101×112, HU), as a float volume."""
+    from DeepMultimodalRegLib.image import read_volume
+
+    return read_volume(shared_scan("ct_pelvis_ts/ct.nii.gz")).float()
+
+
+@pytest.fixture(scope="session")
+def brain_t1_real_crop():
+    """A 64×80×80 crop of the real Kirby21 T1 (1.2×1×1 mm, oblique-free but x-flipped direction)."""
+    import SimpleITK as sitk
+
+    from DeepMultimodalRegLib.image import Volume
+
+    image = sitk.ReadImage(str(shared_scan("mr_kirby21_113/t1_mprage.nii.gz")))
+    crop = image[50:114, 90:170, 90:170]
+    return Volume.from_sitk(sitk.Cast(crop, sitk.sitkFloat32), name="kirby21_t1_crop")
+
+
+@pytest.fixture(scope="session")
+def sample_t1():
+    from DeepMultimodalRegLib.sample_data import load_sample
+
+    return load_sample("mr_brain_t1")
+
+
+@pytest.fixture(scope="session")
+def sample_t2():
+    from DeepMultimodalRegLib.sample_data import load_sample
+
+    return load_sample("mr_brain_t2")
