@@ -300,7 +300,7 @@ def _format_value(value: Any) -> str | None:
         parts = [_format_value(v) for v in value]
         return "(" + ", ".join(p for p in parts if p is not None) + ")"
     text = str(value)
-    return text if len(text) <= 60 else text[:57] + "…"
+    return text if len(text) <= 160 else text[:159] + "…"
 
 
 def _info_lines(figures: Mapping[str, Any] | None) -> list[str]:
@@ -310,6 +310,23 @@ def _info_lines(figures: Mapping[str, Any] | None) -> list[str]:
         if text is not None:
             lines.append(f"{str(key).replace('_', ' ')}: {text}")
     return lines
+
+
+#: width of one character of the 9-point monospace info text, in inches (DejaVu Sans Mono: 0.6 em)
+_MONO_CHAR_IN = 0.6 * 9 / 72
+
+
+def _layout_info(lines: list[str], n_cols: int, chars_per_col: int) -> tuple[list[tuple[int, int, str]], int]:
+    """Place info lines in a grid of ``n_cols`` columns; a long line spans several (truncated to the row)."""
+    cells, row, col = [], 0, 0
+    for line in lines:
+        span = min(n_cols, max(1, math.ceil((len(line) + 2) / (chars_per_col + 2))))
+        if col + span > n_cols:
+            row, col = row + 1, 0
+        room = span * chars_per_col + (span - 1) * 2
+        cells.append((row, col, line if len(line) <= room else line[: room - 1] + "…"))
+        col += span
+    return cells, (row + 1 if lines else 0)
 
 
 def _volume_line(role: str, volume) -> str:
@@ -406,7 +423,8 @@ def _build_figure(panels: ReportPanels, title: str, info: list[str], volumes_lin
     left, right, gap_x, group_gap, gap_y = 0.62, 0.62, 0.06, 0.32, 0.22
     header, col_header = 1.05, 0.42
     info_cols = 4
-    info_rows = max(1, math.ceil(len(info) / info_cols)) if info else 0
+    info_col_w = (width - left - right) / info_cols
+    info_cells, info_rows = _layout_info(info, info_cols, chars_per_col=int(info_col_w / _MONO_CHAR_IN) - 2)
     footer = 0.25 + 0.2 * info_rows + (0.2 if info else 0)
     usable = width - left - right - gap_x * (ncols - 1) - (group_gap - gap_x) * len(group_gap_after)
     scale = usable / sum(col_mm)                     # inches per mm, shared by every panel
@@ -464,7 +482,7 @@ def _build_figure(panels: ReportPanels, title: str, info: list[str], volumes_lin
         else:
             diff = panels.difference(stage, plane)
             _draw_panel(ax, diff, plane, pix, cmap="inferno", vmin=0, vmax=1,
-                        corner_text=f"mean {float(diff.mean()):.3f}")
+                        corner_text=f"slice mean {float(diff.mean()):.3f}")
             diff_image = ax.images[0]
         if panels.is_2d and first:
             ax.set_title(panels.planes[0] + " slice", fontsize=8, color="#555555", loc="left", pad=2)
@@ -484,11 +502,9 @@ def _build_figure(panels: ReportPanels, title: str, info: list[str], volumes_lin
         y0 = height - footer + 0.25
         fig.text(left / width, 1 - (y0 - 0.02) / height, "Figures", ha="left", va="bottom", fontsize=9.5,
                  fontweight="bold")
-        col_w = (width - left - right) / info_cols
-        for i, line in enumerate(info):
-            row, col = divmod(i, info_cols)
-            fig.text((left + col * col_w) / width, 1 - (y0 + 0.05 + 0.2 * row) / height, line, ha="left", va="top",
-                     fontsize=9, family="monospace", color="#1a1a1a")
+        for row, col, line in info_cells:
+            fig.text((left + col * info_col_w) / width, 1 - (y0 + 0.05 + 0.2 * row) / height, line, ha="left",
+                     va="top", fontsize=9, family="monospace", color="#1a1a1a")
     return fig
 
 

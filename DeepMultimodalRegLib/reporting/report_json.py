@@ -98,9 +98,9 @@ def _key(key: Any) -> str:
 def write_report_json(data: dict, path: str | os.PathLike) -> Path:
     """Write ``data`` as indented UTF-8 JSON at ``path`` (atomically); returns the path."""
     out = check_output_path(path)
-    text = json.dumps(to_jsonable(data), indent=2, ensure_ascii=False, allow_nan=False)
+    clean = to_jsonable(data)
     with atomic_output(out) as tmp:
         with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
+            json.dump(clean, handle, indent=2, ensure_ascii=False, allow_nan=False)
             handle.write("\n")
     return out
