@@ -307,3 +307,22 @@ def test_registration_result_save_writes_both_reports(brain, tmp_path):
     report = json.loads(paths["report_json"].read_text())
     assert report["figures"]["similarity_after"] is None
     assert paths["report_png"].is_file()
+
+
+def test_info_text_entries_never_overlap():
+    from DeepMultimodalRegLib.reporting.figures import _info_lines, _layout_info
+
+    lines = _info_lines({"similarity_before": 0.123456789, "device": "cuda", "nested": {"a": 1},
+                         "stop": "optimizer stopped: " + "step too small " * 6, "huge": "x" * 500,
+                         "iterations": np.int64(7), "tensor": torch.tensor([1.0, 2.0])})
+    assert "similarity before: 0.1235" in lines and "iterations: 7" in lines and "tensor: (1, 2)" in lines
+    assert not any(line.startswith("nested") for line in lines)
+    cells, rows = _layout_info(lines, n_cols=4, chars_per_col=40)
+    occupied = set()
+    for row, col, text in cells:
+        span = math.ceil((len(text) + 2) / 42)
+        assert col + span <= 4 and len(text) <= 4 * 40 + 6
+        for c in range(col, col + span):
+            assert (row, c) not in occupied
+            occupied.add((row, c))
+    assert rows == max(r for r, _, _ in cells) + 1

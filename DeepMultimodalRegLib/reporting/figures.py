@@ -312,8 +312,8 @@ def _info_lines(figures: Mapping[str, Any] | None) -> list[str]:
     return lines
 
 
-#: width of one character of the 9-point monospace info text, in inches (DejaVu Sans Mono: 0.6 em)
-_MONO_CHAR_IN = 0.6 * 9 / 72
+#: width of one character of the 9-point monospace info text, in inches (DejaVu Sans Mono: 0.6 em, with a margin)
+_MONO_CHAR_IN = 0.64 * 9 / 72
 
 
 def _layout_info(lines: list[str], n_cols: int, chars_per_col: int) -> tuple[list[tuple[int, int, str]], int]:
