@@ -272,6 +272,9 @@ class DeepMultimodalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         """Run the registration (placeholder until the full GUI lands)."""
         parameterNode = self._parameterNode
         notAvailable = None
+        self.logic.importLibrary()
+        from DeepMultimodalRegLib.errors import NotAvailableError
+
         # tryWithErrorDisplay shows any other error (with details) and re-raises it.
         with slicer.util.tryWithErrorDisplay(_("Registration failed."), waitCursor=True):
             try:
@@ -284,7 +287,7 @@ class DeepMultimodalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                     outputTransformNode=parameterNode.GetNodeReference(OUTPUT_TRANSFORM_ROLE),
                     outputVolumeNode=parameterNode.GetNodeReference(OUTPUT_VOLUME_ROLE),
                 )
-            except NotImplementedError as error:
+            except NotAvailableError as error:
                 notAvailable = error
         if notAvailable is not None:
             # Shown after the wait cursor is restored; not an error with a traceback.
@@ -522,8 +525,8 @@ class DeepMultimodalRegLogic(ScriptedLoadableModuleLogic):
     ):
         """Register the moving volume to the fixed volume.
 
-        Placeholder: the inputs are checked, then NotImplementedError is raised
-        until the MRML bridge to DeepMultimodalRegLib is implemented.
+        For now the inputs are checked, then the library's NotAvailableError says
+        what is missing (the method itself, or the MRML bridge of the GUI issue).
         """
         if fixedVolumeNode is None or movingVolumeNode is None:
             raise ValueError(_("Select both a fixed and a moving volume."))
@@ -544,9 +547,14 @@ class DeepMultimodalRegLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("Select an output transform or an output volume."))
 
         self._cancelRequested = False
-        raise NotImplementedError(
-            _("Method '{method}' is not available from the Slicer module yet. "
-              "Use the deepmmreg command line for now.").format(method=method)
+        self.importLibrary()
+        from DeepMultimodalRegLib.errors import NotAvailableError
+        from DeepMultimodalRegLib.methods import get_method
+
+        get_method(method)  # says which methods have not landed in the library yet
+        raise NotAvailableError(
+            _("Running '{method}' from the Slicer module comes with the module's MRML bridge; "
+              "use the deepmmreg command line for now.").format(method=method)
         )
 
 
