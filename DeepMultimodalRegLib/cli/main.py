@@ -15,11 +15,11 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import DeepMMRegError, NotAvailableError
+from ..methods.registry import METHODS
 
 EXIT_USER_ERROR = 2
 
-REGISTER_METHODS = ("disa-rigid", "disa-affine", "disa-deformable", "mind-rigid", "mind-affine", "mind-deformable",
-                    "lc2-rigid", "msode-rigid", "msode-bspline", "msode-dense", "msode-hybrid", "deep")
+REGISTER_METHODS = tuple(METHODS)  # the catalogue is import-light: runners load on first use
 METHODS_2D3D = ("sopi", "sopi+opt", "opt-gc", "opt-ncc", "opt-ngi")
 TRAINABLE = ("disa", "general", "msode", "sopi")
 
