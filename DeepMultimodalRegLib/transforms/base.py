@@ -73,3 +73,28 @@ class Transform(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(batch={self.batch_size})"
+
+
+class DisplacementTransform(Transform):
+    """x → x + u(x) for transforms held in one tensor of per-batch parameters (B-spline
+    coefficients, a dense field): subclasses give u and how to rebuild themselves from a tensor."""
+
+    @abc.abstractmethod
+    def displacement(self, points: torch.Tensor, batched: bool = False) -> torch.Tensor:
+        """u at physical points, ``[B, ..., 3]`` in mm."""
+
+    @abc.abstractmethod
+    def with_tensor(self, tensor: torch.Tensor) -> "DisplacementTransform":
+        """The same kind of transform, on the same grid, holding ``tensor`` [B, 3, ...]."""
+
+    def transform_points(self, points: torch.Tensor, batched: bool = False) -> torch.Tensor:
+        return self.expand_points(points, batched) + self.displacement(points, batched)
+
+    def select(self, index: int) -> "DisplacementTransform":
+        return self.with_tensor(self.tensors()[0][index:index + 1])
+
+    def to(self, device=None, dtype=None) -> "DisplacementTransform":
+        return self.with_tensor(self.tensors()[0].to(device=device, dtype=dtype))
+
+    def detach(self) -> "DisplacementTransform":
+        return self.with_tensor(self.tensors()[0].detach())

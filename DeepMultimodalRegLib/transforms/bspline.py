@@ -15,7 +15,7 @@ import torch
 
 from ..errors import InvalidParameterError
 from ..image.geometry import ImageGeometry
-from .base import Transform
+from .base import DisplacementTransform
 from .sampling import physical_to_continuous_index
 
 SPLINE_ORDER = 3
@@ -60,7 +60,7 @@ def control_grid_for_domain(domain: ImageGeometry, mesh_size: Sequence[int] | No
                          spacing=tuple(grid_spacing), origin=tuple(origin), direction=domain.direction)
 
 
-class BSplineTransform(Transform):
+class BSplineTransform(DisplacementTransform):
     """x → x + Σ coefficient · B(x) on a cubic control grid.
 
     grid:          control-point grid geometry (see :func:`control_grid_for_domain`)
@@ -125,14 +125,5 @@ class BSplineTransform(Transform):
         out = out * valid.unsqueeze(1).to(out.dtype)
         return out.transpose(1, 2).reshape(b, *spatial, 3).to(points.dtype)
 
-    def transform_points(self, points: torch.Tensor, batched: bool = False) -> torch.Tensor:
-        return self.expand_points(points, batched) + self.displacement(points, batched)
-
-    def select(self, index: int) -> "BSplineTransform":
-        return BSplineTransform(self.grid, self.coefficients[index:index + 1])
-
-    def to(self, device=None, dtype=None) -> "BSplineTransform":
-        return BSplineTransform(self.grid, self.coefficients.to(device=device, dtype=dtype))
-
-    def detach(self) -> "BSplineTransform":
-        return BSplineTransform(self.grid, self.coefficients.detach())
+    def with_tensor(self, tensor: torch.Tensor) -> "BSplineTransform":
+        return BSplineTransform(self.grid, tensor)

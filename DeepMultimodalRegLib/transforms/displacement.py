@@ -10,11 +10,11 @@ import torch
 
 from ..errors import InvalidParameterError
 from ..image.geometry import ImageGeometry
-from .base import Transform
+from .base import DisplacementTransform
 from .sampling import sample_at_points
 
 
-class DisplacementFieldTransform(Transform):
+class DisplacementFieldTransform(DisplacementTransform):
     """x → x + u(x) with u sampled from ``field`` [B, 3, D, H, W] defined on ``geometry``."""
 
     kind = "displacement"
@@ -53,15 +53,5 @@ class DisplacementFieldTransform(Transform):
         sampled = sample_at_points(self.field, self.geometry, pts.to(self.field.dtype), default_value=0.0)
         return sampled.movedim(1, -1).to(points.dtype)
 
-    def transform_points(self, points: torch.Tensor, batched: bool = False) -> torch.Tensor:
-        return self.expand_points(points, batched) + self.displacement(points, batched)
-
-    def select(self, index: int) -> "DisplacementFieldTransform":
-        return DisplacementFieldTransform(self.geometry, self.field[index:index + 1])
-
-    def to(self, device=None, dtype=None) -> "DisplacementFieldTransform":
-        return DisplacementFieldTransform(self.geometry, self.field.to(device=device, dtype=dtype))
-
-    def detach(self) -> "DisplacementFieldTransform":
-        return DisplacementFieldTransform(self.geometry, self.field.detach())
-
+    def with_tensor(self, tensor: torch.Tensor) -> "DisplacementFieldTransform":
+        return DisplacementFieldTransform(self.geometry, tensor)
