@@ -48,7 +48,8 @@ class ModelEntry:
         return d
 
 
-def load_manifest(path: Path = MANIFEST) -> list[ModelEntry]:
+def load_manifest(path: Path | None = None) -> list[ModelEntry]:
+    path = MANIFEST if path is None else path  # looked up at call time (tests point it elsewhere)
     if not path.exists():
         return []
     with open(path) as f:
@@ -69,7 +70,8 @@ def verify_weights(entry: ModelEntry) -> None:
         raise WeightsError(f"weights of {entry.name} not found at {entry.path}; reinstall the package")
     digest = sha256_of(entry.path)
     if digest != entry.sha256:
-        raise WeightsError(f"weights of {entry.name} are corrupt (SHA-256 {digest[:12]}… != {entry.sha256[:12]}…)")
+        raise WeightsError(f"weights file {entry.path} of {entry.name} is corrupt or was replaced (SHA-256 "
+                           f"{digest[:12]}… does not match the manifest's {entry.sha256[:12]}…); reinstall the package")
 
 
 def load_state_dict(name: str, map_location="cpu") -> dict:

@@ -1,0 +1,115 @@
+"""Local statistics shared by the patch metrics: box filters, gradient magnitude, patch extraction.
+
+Everything works on tensors of any float dtype on any device (the input's), vectorised: box
+filters are three separable ``avg_pool3d`` passes, patches are gathered with one index tensor.
+
+Boundary rule (used by every metric here): **replicate** (edge) padding.  A box or a patch that
+reaches past the image uses the nearest edge voxel, exactly like ``np.pad(..., mode="edge")``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InvalidImageError, InvalidParameterError
+
+
+def as_5d(image: torch.Tensor, role: str = "image") -> tuple[torch.Tensor, int]:
+    """View ``[D,H,W]`` as ``[1,1,D,H,W]`` and ``[B,D,H,W]`` as ``[B,1,D,H,W]``; return it and the input's rank."""
+    if not isinstance(image, torch.Tensor):
+        raise InvalidImageError(f"the {role} must be a torch tensor (z, y, x), got {type(image).__name__}")
+    rank = image.dim()
+    if rank == 3:
+        return image[None, None], rank
+    if rank == 4:
+        return image[:, None], rank
+    if rank == 5:
+        if image.shape[1] != 1:
+            raise InvalidImageError(f"the {role} must have one channel ([B, 1, D, H, W]), got shape "
+                                    f"{tuple(image.shape)}")
+        return image, rank
+    raise InvalidImageError(f"the {role} must be a 3D volume [D, H, W] (or a batch [B, D, H, W] / "
+                            f"[B, 1, D, H, W]), got shape {tuple(image.shape)}")
+
+
+def check_radius(radius: int, name: str = "radius", minimum: int = 1) -> int:
+    if isinstance(radius, bool) or int(radius) != radius or radius < minimum:
+        raise InvalidParameterError(f"{name} must be an integer ≥ {minimum} (voxels), got {radius!r}")
+    return int(radius)
+
+
+def box_mean(x: torch.Tensor, radius: int, stride: int = 1) -> torch.Tensor:
+    """Mean over the cube of side ``2·radius+1`` around each voxel of ``x`` [N, C, D, H, W].
+
+    Replicate padding at the borders; with ``stride`` s the output holds the voxels whose indices
+    are multiples of s (shape ⌈D/s⌉ × ⌈H/s⌉ × ⌈W/s⌉).  Separable: three 1D average pools.
+    """
+    if radius == 0:
+        return x[:, :, ::stride, ::stride, ::stride]
+    k = 2 * radius + 1
+    x = F.pad(x, (radius,) * 6, mode="replicate")
+    x = F.avg_pool3d(x, kernel_size=(k, 1, 1), stride=(stride, 1, 1))
+    x = F.avg_pool3d(x, kernel_size=(1, k, 1), stride=(1, stride, 1))
+    return F.avg_pool3d(x, kernel_size=(1, 1, k), stride=(1, 1, stride))
+
+
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """√x for x ≥ 0 with a finite gradient (0) where x = 0."""
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
+def gradient_magnitude(image: torch.Tensor) -> torch.Tensor:
+    """|∇I| by central differences in voxel units, replicate padding; same shape as ``image``.
+
+    ``g_z[k] = (I[min(k+1, D−1)] − I[max(k−1, 0)]) / 2`` and likewise along y and x;
+    ``|∇I| = √(g_z² + g_y² + g_x²)``.  ``image`` is ``[D,H,W]``, ``[B,D,H,W]`` or ``[B,1,D,H,W]``.
+    The square root has a finite (zero) gradient on flat regions.
+    """
+    x, rank = as_5d(image)
+    p = F.pad(x, (1,) * 6, mode="replicate")
+    gz = (p[:, :, 2:, 1:-1, 1:-1] - p[:, :, :-2, 1:-1, 1:-1]) / 2
+    gy = (p[:, :, 1:-1, 2:, 1:-1] - p[:, :, 1:-1, :-2, 1:-1]) / 2
+    gx = (p[:, :, 1:-1, 1:-1, 2:] - p[:, :, 1:-1, 1:-1, :-2]) / 2
+    g = safe_sqrt(gz * gz + gy * gy + gx * gx)
+    return g.reshape(image.shape)
+
+
+def patch_offsets(radius: int, device=None) -> torch.Tensor:
+    """[(2r+1)³, 3] integer (dz, dy, dx) offsets of a cube, row-major (z slowest, x fastest)."""
+    r = torch.arange(-radius, radius + 1, device=device)
+    dz, dy, dx = torch.meshgrid(r, r, r, indexing="ij")
+    return torch.stack([dz.reshape(-1), dy.reshape(-1), dx.reshape(-1)], dim=-1)
+
+
+def check_centres(centres: torch.Tensor, shape, role: str) -> torch.Tensor:
+    c = torch.as_tensor(centres)
+    if c.dim() != 2 or c.shape[-1] != 3:
+        raise InvalidParameterError(f"{role} must be an [N, 3] array of (k, j, i) voxel indices, got shape "
+                                    f"{tuple(c.shape)}")
+    if c.is_floating_point():
+        if not bool((c == c.round()).all()):
+            raise InvalidParameterError(f"{role} must be integer voxel indices (k, j, i); got fractional values")
+    c = c.long()
+    if c.numel():
+        upper = torch.as_tensor(shape, device=c.device)
+        if bool((c < 0).any()) or bool((c >= upper).any()):
+            raise InvalidParameterError(f"{role} has voxel indices outside the image of shape (z, y, x) = "
+                                        f"{tuple(shape)}; patch centres must lie inside the image")
+    return c
+
+
+def extract_patches(volume: torch.Tensor, centres: torch.Tensor, radius: int) -> torch.Tensor:
+    """Flattened cubes of side 2r+1 around integer ``centres`` [N, 3] (k, j, i) of ``volume`` [D, H, W].
+
+    Returns ``[N, (2r+1)³]`` (row-major offsets, see :func:`patch_offsets`); voxels past the border
+    repeat the edge voxel (replicate padding).
+    """
+    d, h, w = volume.shape
+    offsets = patch_offsets(radius, device=volume.device)
+    idx = centres.to(volume.device)[:, None, :] + offsets[None]
+    k = idx[..., 0].clamp(0, d - 1)
+    j = idx[..., 1].clamp(0, h - 1)
+    i = idx[..., 2].clamp(0, w - 1)
+    return volume.reshape(-1)[(k * h + j) * w + i]

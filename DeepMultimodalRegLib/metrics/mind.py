@@ -1,0 +1,113 @@
+"""MIND-SSC: the modality independent neighbourhood descriptor with self-similarity context.
+
+Heinrich et al., MICCAI 2013 ("Towards realtime multimodal fusion for image-guided interventions
+using self-similarities"); the definitions follow the authors' public PyTorch implementation
+(``MINDSSC`` in the Learn2Reg / deeds tool chain), read for its facts:
+
+* **12 channels.**  Take the six-neighbourhood of a voxel, the offsets ±e_z, ±e_y, ±e_x, scaled by
+  the ``dilation`` d.  Each channel compares the two points of one of the 12 pairs of these six
+  whose (unscaled) squared distance is 2 (i.e. two orthogonal neighbours; opposite neighbours,
+  distance² 4, are not paired).  Channel order is the reference's (:data:`MIND_SSC_PAIRS`, offsets
+  in (z, y, x) tensor order).
+* **Patch distance** of pair (p, q) at voxel x:
+  ``D_c(x) = mean over the cube of side 2r+1 around x of (I(y + d·p) − I(y + d·q))²`` — shifts with
+  replicate (edge) padding, then the squared differences box-filtered with replicate padding.
+* **Normalisation** (as in the reference): ``D'_c = D_c − min_c D_c`` (per voxel);
+  ``V = mean_c D'_c``; V is clamped to ``[1e-3·m, 1e3·m]`` where m is the mean of V over the image
+  (per batch item here; the reference takes the mean over the whole batch tensor, the same for
+  B = 1; m is floored at the dtype's tiny so a constant image gives descriptors of 1, not NaN).
+  Descriptor = ``exp(−D'_c / V)``.  Subtracting the minimum is the same as dividing ``exp(−D_c/V)``
+  by its maximum over the 12 channels, so the descriptor **is max-normalised** (max = 1 per
+  voxel), as the reference's.
+* Invariant to affine intensity changes a·I + b with a ≠ 0 (D and V both scale by a²).
+
+:func:`mind_ssd` is the registration distance: the mean squared difference of two descriptors
+(**lower is better**, 0 for identical images).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InvalidImageError
+from .local_stats import as_5d, box_mean, check_radius
+
+#: the 12 pairs (p, q) of six-neighbourhood offsets (dz, dy, dx) compared by the MIND-SSC channels
+MIND_SSC_PAIRS = (
+    ((1, 0, 0), (0, -1, 0)),
+    ((0, 1, 0), (-1, 0, 0)),
+    ((0, -1, 0), (-1, 0, 0)),
+    ((0, 1, 0), (1, 0, 0)),
+    ((0, -1, 0), (0, 0, -1)),
+    ((0, 1, 0), (0, 0, 1)),
+    ((0, 0, -1), (-1, 0, 0)),
+    ((1, 0, 0), (0, 0, 1)),
+    ((0, 1, 0), (0, 0, -1)),
+    ((0, 0, 1), (0, -1, 0)),
+    ((1, 0, 0), (0, 0, -1)),
+    ((0, 0, 1), (-1, 0, 0)),
+)
+#: V is clamped to [MIND_VARIANCE_CLAMP[0]·m, MIND_VARIANCE_CLAMP[1]·m], m = mean of V over the image
+MIND_VARIANCE_CLAMP = (1e-3, 1e3)
+
+
+def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
+    """MIND-SSC descriptors ``[B, 12, D, H, W]`` of ``image`` ``[D, H, W]``, ``[B, D, H, W]`` or ``[B, 1, D, H, W]``.
+
+    ``radius``: half-width of the box over which patch distances are averaged (cube of side
+    2·radius+1); ``dilation``: spacing of the six-neighbourhood in voxels.  Computed in the input's
+    float dtype (float32 for integer input) on its device; differentiable.
+    """
+    data = image.data if not isinstance(image, torch.Tensor) and hasattr(image, "data") else image
+    x, _ = as_5d(data, "image for MIND-SSC")
+    radius = check_radius(radius, "MIND radius", minimum=0)
+    dilation = check_radius(dilation, "MIND dilation")
+    if not x.is_floating_point():
+        x = x.float()
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise InvalidImageError("the image for MIND-SSC has NaN or Inf voxels; replace them before computing "
+                                "descriptors")
+    d = dilation
+    depth, height, width = x.shape[-3:]
+    padded = F.pad(x, (d,) * 6, mode="replicate")
+
+    def shifted(offset):
+        oz, oy, ox = (d + d * o for o in offset)
+        return padded[:, :, oz:oz + depth, oy:oy + height, ox:ox + width]
+
+    shifts = {o: shifted(o) for pair in MIND_SSC_PAIRS for o in pair}  # the six neighbours
+    sq = torch.cat([(shifts[p] - shifts[q]) ** 2 for p, q in MIND_SSC_PAIRS], dim=1)  # 12 pairs, not voxels
+    dist = box_mean(sq, radius)
+    dist = dist - dist.min(dim=1, keepdim=True)[0]
+    var = dist.mean(dim=1, keepdim=True)
+    m = var.mean(dim=(2, 3, 4), keepdim=True).clamp_min(torch.finfo(var.dtype).tiny)
+    var = torch.maximum(torch.minimum(var, MIND_VARIANCE_CLAMP[1] * m), MIND_VARIANCE_CLAMP[0] * m)
+    return torch.exp(-dist / var)
+
+
+def mind_ssd(desc_a: torch.Tensor, desc_b: torch.Tensor, mask: torch.Tensor | None = None,
+             per_batch: bool = False) -> torch.Tensor:
+    """Mean squared difference of two MIND descriptors ``[B, C, D, H, W]`` (lower is better; 0 when equal).
+
+    Batches broadcast (B = 1 against B = N).  ``mask`` (``[D, H, W]`` or broadcastable to
+    ``[B, 1, D, H, W]``, bool or weights) restricts the mean to the masked voxels.  Returns a scalar,
+    or ``[B]`` with ``per_batch``.  Differentiable.
+    """
+    for t, role in ((desc_a, "first descriptor"), (desc_b, "second descriptor")):
+        if not isinstance(t, torch.Tensor) or t.dim() != 5:
+            raise InvalidImageError(f"the {role} must be a [B, C, D, H, W] tensor (from mind_ssc), got "
+                                    f"{tuple(getattr(t, 'shape', ()))}")
+    if desc_a.shape[1:] != desc_b.shape[1:]:
+        raise InvalidImageError(f"the two descriptors must have the same channels and grid, got "
+                                f"{tuple(desc_a.shape)} and {tuple(desc_b.shape)}; resample the moving image "
+                                "onto the fixed grid first")
+    sq = ((desc_a - desc_b) ** 2).mean(dim=1, keepdim=True)  # [B, 1, D, H, W]
+    if mask is None:
+        per = sq.mean(dim=(1, 2, 3, 4))
+    else:
+        w = mask if mask.dim() == 5 else mask.reshape(1, 1, *mask.shape[-3:])
+        w = w.to(device=sq.device, dtype=sq.dtype).expand_as(sq)
+        total = w.sum(dim=(1, 2, 3, 4))
+        per = (sq * w).sum(dim=(1, 2, 3, 4)) / total.clamp_min(torch.finfo(sq.dtype).tiny)
+    return per if per_batch else per.mean()

@@ -1,0 +1,423 @@
+"""The DISA descriptor network (Ronchetti et al., MICCAI 2023, "DISA: DIfferentiable Similarity
+Approximation for Universal Multimodal Registration").
+
+A small fully convolutional 3D CNN ``phi`` whose per-voxel 16-channel output approximates the LC²
+similarity of two patches by a dot product: ``LC2(P1, P2) ~ <phi(P1), phi(P2)>``.  The layer layout
+follows the authors' published training code (``neural.py`` and ``train.py`` of
+github.com/ImFusionGmbH/DISA-universal-multimodal-registration):
+
+=====  ===============================  ===============================  ==========
+index  layer                            shape of the weights             parameters
+=====  ===============================  ===============================  ==========
+0      conv 3³ 1→8 (+bias) + LeakyReLU  8·1·27 + 8                          224
+1      residual block, 8 channels       2 · (8·8·27 + 8)                  3,472
+2      conv 3³ 8→16 (+bias) + LeakyReLU 16·8·27 + 16                      3,472
+3      blur-pool, 16 channels, stride 2 fixed buffer                          0
+4      residual block, 16 channels      2 · (16·16·27 + 16)              13,856
+5      conv 3³ 16→32 (+bias) + LReLU    32·16·27 + 32                    13,856
+6      blur-pool, 32 channels, stride 2 fixed buffer                          0
+7      residual block, 32 channels      2 · (32·32·27 + 32)              55,360
+8      conv 1³ 32→16, no bias           16·32                               512
+=====  ===============================  ===============================  ==========
+                                                               total     90,752
+
+Facts taken from the official code (not copied from it):
+
+* every 3×3×3 convolution has a bias, zero padding of 1 ("same" size) and is followed by
+  ``LeakyReLU`` with PyTorch's default negative slope **0.01**;
+* a residual block is two such conv+LeakyReLU pairs, and the skip is added **after** the second
+  activation: ``y = x + act(conv(act(conv(x))))`` -- there is **no** activation after the sum;
+* blur-pool is a depthwise [1,4,6,4,1]⊗[1,4,6,4,1]⊗[1,4,6,4,1] kernel normalised to sum 1, applied
+  after **replicate** padding of 2 voxels on every side, with stride 2 (the official code keeps the
+  kernel as a ``Parameter`` with ``requires_grad=False``; here it is a buffer, so it is neither in
+  ``parameters()`` nor trained);
+* no normalisation layer; the last layer is a 1×1×1 convolution without bias;
+* each output vector is divided by ``max(1, ||y||)`` (in the official code this clipping is in the
+  training step; here it is part of :meth:`DISANet.forward` so the descriptors are always usable).
+
+Output grid
+-----------
+The convolutions keep the size; a blur-pool maps a length ``n`` to ``ceil(n / 2)`` and its output
+index ``m`` is centred on input index ``2m``.  So an input of shape (D, H, W) gives descriptors of
+shape (ceil(D/4), ceil(H/4), ceil(W/4)), and descriptor voxel (k, j, i) is centred on input voxel
+(4k, 4j, 4i) -- offset 0, no half-voxel shift.  (The official training confirms it: patches are
+resampled to 33³, the network gives 9³, and the loss uses output voxel 4 = input voxel 16, the
+patch centre.)  :func:`descriptor_geometry` turns this into a physical grid: same origin and
+direction, spacing × 4.
+
+Receptive field
+---------------
+Every kernel is centred, so descriptor (k, j, i) depends exactly on the input voxels within
+±24 of (4k, 4j, 4i): ``RECEPTIVE_FIELD = 49`` voxels per axis.  Sum of (kernel − 1) × stride so
+far: 1 + 4 convs·2 (at stride 1) + 4 (blur) + 3 convs·2·2 (stride 2) + 4·2 (blur) + 2 convs·2·4
+(stride 4) + 0 (1×1 conv) = 1 + 8 + 4 + 12 + 8 + 16 = 49.  At the training
+spacing of 2 mm that is 98 mm.
+
+Small volumes and large volumes
+-------------------------------
+:func:`compute_descriptors` replicate-pads every axis shorter than RECEPTIVE_FIELD to 49 voxels
+(low-side padding a multiple of 4, so the grid stays aligned) and crops the result back, silently:
+this is the documented behaviour, not a warning.  An axis shorter than MIN_AXIS_SIZE = 8 voxels
+(fewer than 2 descriptors) is refused with :class:`InvalidImageError`.  With ``chunk`` it works in
+z-slabs carrying a halo of SLAB_HALO = 28 slices (≥ 24 needed), which gives the single-pass result.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..device import resolve_device
+from ..errors import InvalidImageError, InvalidParameterError
+from ..image.geometry import ImageGeometry
+from ..image.volume import Volume
+
+#: Channels of a descriptor vector.
+DESCRIPTOR_CHANNELS = 16
+#: Total stride: descriptor voxel (k, j, i) sits on input voxel (4k, 4j, 4i).
+OUTPUT_STRIDE = 4
+#: Negative slope of every LeakyReLU (PyTorch's default, as in the official code).
+LEAKY_SLOPE = 0.01
+#: Receptive field per axis, in input voxels (see the module docstring for the sum).
+RECEPTIVE_FIELD = 49
+#: Half of it: descriptor (k, j, i) depends on input voxels within ±HALF_RECEPTIVE_FIELD of 4·(k, j, i).
+HALF_RECEPTIVE_FIELD = RECEPTIVE_FIELD // 2
+#: A volume thinner than this along any axis is refused (fewer than 2 descriptors along it).
+MIN_AXIS_SIZE = 8
+#: Number of trainable parameters of the published network.
+EXPECTED_PARAMETERS = 90_752
+#: Extra input slices carried on each side of a z-slab: the half receptive field (24) rounded up
+#: to a multiple of the stride and beyond it, so that neighbouring slabs overlap by
+#: 2·28 − 3 = 53 ≥ RECEPTIVE_FIELD input slices.
+SLAB_HALO = 28
+
+_BINOMIAL_5 = (1.0, 4.0, 6.0, 4.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------- layers
+def _conv_act(in_channels: int, out_channels: int) -> nn.Sequential:
+    """3×3×3 convolution with bias and zero 'same' padding, then LeakyReLU(0.01)."""
+    return nn.Sequential(
+        nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=True),
+        nn.LeakyReLU(negative_slope=LEAKY_SLOPE, inplace=True),
+    )
+
+
+class ResidualBlock(nn.Module):
+    """``x + act(conv(act(conv(x))))``: the skip is added after the second activation."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(_conv_act(channels, channels), _conv_act(channels, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.layers(x)
+
+
+def binomial_kernel_3d(channels: int) -> torch.Tensor:
+    """The depthwise blur kernel: [1,4,6,4,1]³ / its sum, shape (channels, 1, 5, 5, 5)."""
+    b = torch.tensor(_BINOMIAL_5, dtype=torch.float64)
+    k = b[:, None, None] * b[None, :, None] * b[None, None, :]
+    k = k / k.sum()
+    return k.to(torch.float32).expand(channels, 1, 5, 5, 5).contiguous()
+
+
+class BlurPool3d(nn.Module):
+    """Anti-aliased downsampling (Zhang 2019): fixed binomial low-pass, replicate padding, stride 2.
+
+    A length ``n`` becomes ``ceil(n / 2)``; output index ``m`` is centred on input index ``2m``.
+    The kernel is a (persistent=False) buffer: it follows ``.to()`` but is not a parameter and is
+    not stored in ``state_dict`` (it is a constant of the architecture).
+    """
+
+    def __init__(self, channels: int, stride: int = 2) -> None:
+        super().__init__()
+        self.channels = channels
+        self.stride = stride
+        self.pad = 2
+        self.register_buffer("f", binomial_kernel_3d(channels), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.pad
+        y = F.pad(x, (p, p, p, p, p, p), mode="replicate")
+        return F.conv3d(y, self.f.to(dtype=x.dtype), stride=self.stride, groups=self.channels)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, stride={self.stride}, kernel=[1,4,6,4,1]^3/4096, padding=replicate"
+
+
+def clip_descriptor_norm(y: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Divide each descriptor vector (along ``dim``) by max(1, its L2 norm)."""
+    return y / torch.linalg.vector_norm(y, dim=dim, keepdim=True).clamp_min(1.0)
+
+
+class DISANet(nn.Module):
+    """The DISA-LC² descriptor CNN: [B, 1, D, H, W] → [B, 16, ceil(D/4), ceil(H/4), ceil(W/4)].
+
+    Layer indices (and so ``state_dict`` keys, e.g. ``layers.0.0.weight``,
+    ``layers.1.layers.0.0.weight``, ``layers.8.weight``) follow the published network's
+    ``layers`` sequence.  Output vectors have L2 norm ≤ 1.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            _conv_act(1, 8),                # 0
+            ResidualBlock(8),               # 1
+            _conv_act(8, 16),               # 2
+            BlurPool3d(16),                 # 3
+            ResidualBlock(16),              # 4
+            _conv_act(16, 32),              # 5
+            BlurPool3d(32),                 # 6
+            ResidualBlock(32),              # 7
+            nn.Conv3d(32, DESCRIPTOR_CHANNELS, kernel_size=1, bias=False),  # 8
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5 or x.size(1) != 1:
+            raise InvalidParameterError(f"DISANet expects a [B, 1, D, H, W] tensor, got shape {tuple(x.shape)}")
+        return clip_descriptor_norm(self.layers(x), dim=1)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters; buffers such as the blur kernels are not counted."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# ---------------------------------------------------------------------------------- geometry
+def descriptor_shape(shape: Iterable[int]) -> tuple[int, ...]:
+    """Shape of the descriptor grid for an input grid ``shape``: ceil(n / 4) per axis."""
+    return tuple(-(-int(n) // OUTPUT_STRIDE) for n in shape)
+
+
+def descriptor_geometry(input_geometry: ImageGeometry) -> ImageGeometry:
+    """The physical grid of the descriptor map of a volume on ``input_geometry``.
+
+    Descriptor voxel (k, j, i) is centred on input voxel (4k, 4j, 4i), so the grid keeps the
+    input's origin and direction, multiplies the spacing by 4 and has ceil(n / 4) voxels per axis.
+    The last descriptor along an axis lies on input index 4·(ceil(n/4) − 1) ≤ n − 1, i.e. always on
+    an input voxel centre, never beyond the input.
+    """
+    return ImageGeometry(
+        shape=descriptor_shape(input_geometry.shape),
+        spacing=tuple(s * OUTPUT_STRIDE for s in input_geometry.spacing),
+        origin=input_geometry.origin,
+        direction=input_geometry.direction,
+    )
+
+
+# ---------------------------------------------------------------------------------- small volumes
+def _check_min_size(shape: Iterable[int]) -> None:
+    shape = tuple(int(s) for s in shape)
+    if min(shape) < MIN_AXIS_SIZE:
+        raise InvalidImageError(
+            f"the volume has only {min(shape)} voxels along one axis (shape z,y,x = {shape}); DISA "
+            f"descriptors need at least {MIN_AXIS_SIZE} voxels along every axis of a 3D volume (resample "
+            "it to a finer spacing, or use a thicker crop)")
+
+
+def receptive_field_padding(shape: Iterable[int]) -> list[tuple[int, int]]:
+    """Replicate padding (low, high) per spatial axis that :func:`pad_to_receptive_field` applies.
+
+    An axis shorter than RECEPTIVE_FIELD is padded to exactly RECEPTIVE_FIELD voxels; the low-side
+    padding is a multiple of OUTPUT_STRIDE (about half of the total) so the descriptor grid of the
+    original voxels stays aligned: crop ``low // 4`` descriptors at the start.
+    """
+    pads = []
+    for n in shape:
+        total = max(0, RECEPTIVE_FIELD - int(n))
+        low = OUTPUT_STRIDE * (total // (2 * OUTPUT_STRIDE))
+        pads.append((low, total - low))
+    return pads
+
+
+def pad_to_receptive_field(tensor: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Pad a [B, C, D, H, W] tensor (replicate) so every spatial axis is ≥ RECEPTIVE_FIELD voxels.
+
+    Returns the padded tensor and the (low, high) padding per axis (z, y, x).  Axes already
+    ≥ RECEPTIVE_FIELD are untouched (so a large volume is returned as is); an axis shorter than
+    MIN_AXIS_SIZE is refused with :class:`InvalidImageError`.  No warning is emitted: padding small
+    volumes is the documented behaviour.  Descriptors of the original voxels are the padded
+    result cropped by ``low // 4`` at the start and to ``ceil(n / 4)`` entries per axis
+    (:func:`compute_descriptors` does this).
+    """
+    if tensor.dim() != 5:
+        raise InvalidParameterError(f"expected a [B, C, D, H, W] tensor, got shape {tuple(tensor.shape)}")
+    _check_min_size(tensor.shape[2:])
+    pads = receptive_field_padding(tensor.shape[2:])
+    if any(lo or hi for lo, hi in pads):
+        (zl, zh), (yl, yh), (xl, xh) = pads
+        tensor = F.pad(tensor, (xl, xh, yl, yh, zl, zh), mode="replicate")
+    return tensor, pads
+
+
+# ---------------------------------------------------------------------------------- inference
+def _run_slabs(model: nn.Module, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Descriptors of [1, 1, D, H, W] computed in z-slabs; equal to one pass.
+
+    Each slab produces the descriptor slices [k0, k1) from the input slices
+    [4·k0 − SLAB_HALO, 4·(k1 − 1) + SLAB_HALO] (clipped to the volume).  Every slab starts on a
+    multiple of 4, so its grid is aligned with the full one, and every descriptor it keeps sees
+    its whole receptive field inside the slab (or the true volume border, treated the same way).
+    """
+    depth = x.size(2)
+    out_depth = descriptor_shape([depth])[0]
+    per_slab = max(1, -(-int(chunk) // OUTPUT_STRIDE))  # descriptor slices per slab
+    pieces = []
+    for k0 in range(0, out_depth, per_slab):
+        k1 = min(out_depth, k0 + per_slab)
+        z0 = max(0, OUTPUT_STRIDE * k0 - SLAB_HALO)
+        z1 = min(depth, OUTPUT_STRIDE * (k1 - 1) + SLAB_HALO + 1)
+        y = model(x[:, :, z0:z1])
+        first = (OUTPUT_STRIDE * k0 - z0) // OUTPUT_STRIDE
+        pieces.append(y[:, :, first:first + (k1 - k0)])
+    return torch.cat(pieces, dim=2)
+
+
+def _forward(model: nn.Module, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    if chunk is None or chunk >= x.size(2):
+        return model(x)
+    return _run_slabs(model, x, chunk)
+
+
+def compute_descriptors(model: nn.Module, volume: Volume, device: str | torch.device = "auto",
+                        chunk: int | None = None) -> tuple[torch.Tensor, ImageGeometry]:
+    """DISA descriptors of ``volume``: a [16, d, h, w] float32 tensor and its physical grid.
+
+    * The caller normalises intensities (the network was trained on zero-mean, unit-variance
+      volumes resampled to 2 mm); this function does not touch them, and never modifies the input.
+    * Runs under ``torch.no_grad`` on ``resolve_device(device)``; the model is moved there.  The
+      descriptors are returned on the device they were computed on.
+    * ``chunk``: if given, process the volume in z-slabs of about ``chunk`` input slices (plus a
+      halo of SLAB_HALO slices on each side) to bound memory; the result equals a single pass.
+    * Axes shorter than RECEPTIVE_FIELD are replicate-padded (:func:`pad_to_receptive_field`) and
+      the result is cropped back, so the grid is always :func:`descriptor_geometry` of the volume;
+      axes shorter than MIN_AXIS_SIZE are refused with :class:`InvalidImageError`.
+    * A CUDA out-of-memory error retries in slabs of 64 slices, then on the CPU, with a warning.
+    """
+    if not isinstance(volume, Volume):
+        raise InvalidParameterError("compute_descriptors needs a Volume (data with its geometry)")
+    if chunk is not None and int(chunk) < 1:
+        raise InvalidParameterError(f"chunk must be a positive number of slices, got {chunk}")
+    shape = volume.geometry.shape
+    _check_min_size(shape)
+    data = volume.data
+    if data.is_floating_point() and not bool(torch.isfinite(data).all()):
+        raise InvalidImageError(
+            f"the volume{' ' + repr(volume.name) if volume.name else ''} has NaN or Inf voxels; replace them "
+            "before computing DISA descriptors")
+    target = resolve_device(device)
+    geometry = descriptor_geometry(volume.geometry)
+
+    def run(dev: torch.device, slabs: int | None) -> torch.Tensor:
+        model.to(dev)
+        x = data.to(device=dev, dtype=torch.float32)[None, None]
+        x, pads = pad_to_receptive_field(x)
+        y = _forward(model, x, slabs)[0]
+        starts = [lo // OUTPUT_STRIDE for lo, _ in pads]
+        (d, h, w) = geometry.shape
+        return y[:, starts[0]:starts[0] + d, starts[1]:starts[1] + h, starts[2]:starts[2] + w].contiguous()
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                out = run(target, chunk)
+            except torch.cuda.OutOfMemoryError:
+                if target.type != "cuda":
+                    raise
+                torch.cuda.empty_cache()
+                slabs = 64 if chunk is None else max(OUTPUT_STRIDE, int(chunk) // 2)
+                warnings.warn(f"GPU out of memory computing DISA descriptors of a {shape} volume; "
+                              f"retrying in z-slabs of {slabs} slices", RuntimeWarning, stacklevel=2)
+                try:
+                    out = run(target, slabs)
+                except torch.cuda.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    warnings.warn("GPU still out of memory; computing DISA descriptors on the CPU (slower)",
+                                  RuntimeWarning, stacklevel=2)
+                    out = run(torch.device("cpu"), slabs)
+    finally:
+        model.train(was_training)
+    return out, geometry
+
+
+# ---------------------------------------------------------------------------------- weights
+def _adapt_state_dict(state: dict) -> dict:
+    """Accept checkpoints saved from ``torch.compile``d models and ones holding the blur kernels."""
+    from ..weights.manifest import WeightsError
+
+    out = {}
+    for key, value in state.items():
+        if key.startswith("_orig_mod."):
+            key = key[len("_orig_mod."):]
+        out[key] = value
+    for idx, ch in (("3", 16), ("6", 32)):
+        key = f"layers.{idx}.f"
+        if key in out:
+            kernel = out.pop(key)
+            if not (isinstance(kernel, torch.Tensor) and kernel.shape == (ch, 1, 5, 5, 5)
+                    and torch.allclose(kernel.float().cpu(), binomial_kernel_3d(ch), atol=1e-6)):
+                raise WeightsError(f"the checkpoint's blur kernel {key} is not the fixed [1,4,6,4,1]^3 kernel")
+    return out
+
+
+def _manifest_entry(name: str):
+    from ..weights import manifest
+
+    for entry in manifest.load_manifest(manifest.MANIFEST):
+        if entry.name == name:
+            return entry
+    return None
+
+
+def load_disa_network(name: str = "disa", device: str | torch.device = "cpu") -> DISANet:
+    """Build :class:`DISANet` and load the shipped weights ``name`` (SHA-256 verified, weights_only).
+
+    Raises :class:`~DeepMultimodalRegLib.weights.manifest.WeightsError` when the manifest has no such
+    network, when the file is missing or corrupt (the message names the file), or when the file
+    does not fit the architecture.  The model is returned in eval mode on ``device``.
+    """
+    from ..weights import manifest
+
+    WeightsError = manifest.WeightsError
+    entry = _manifest_entry(name)
+    if entry is None:
+        raise WeightsError(
+            f"no DISA weights named {name!r} are shipped with this version of DeepMultimodalReg (the "
+            "weights manifest has no such entry); train them with the DISA recipe (`deepmmreg train "
+            "disa`) or install a release that includes them")
+    try:
+        state = manifest.load_state_dict(name, map_location="cpu")
+    except WeightsError as exc:
+        raise WeightsError(f"cannot load the DISA network {name!r} from {entry.path}: {exc}") from exc
+    except Exception as exc:  # hash matched but the file is not a plain state_dict (pickle/zip error)
+        raise WeightsError(f"cannot load the DISA network {name!r}: {entry.path} is not a valid "
+                           f"weights file ({type(exc).__name__}: {exc})") from exc
+    model = DISANet()
+    try:
+        model.load_state_dict(_adapt_state_dict(state), strict=True)
+    except WeightsError as exc:
+        raise WeightsError(f"{exc} [file: {entry.path}]") from exc
+    except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
+        raise WeightsError(f"the weights in {entry.path} do not fit the DISA network: {exc}") from exc
+    return model.to(resolve_device(device)).eval()
+
+
+def receptive_field_of(layers: Iterable[tuple[int, int]]) -> int:
+    """Receptive field of a chain of (kernel, stride) layers (used to check RECEPTIVE_FIELD)."""
+    rf, jump = 1, 1
+    for kernel, stride in layers:
+        rf += (kernel - 1) * jump
+        jump *= stride
+    return rf
+
+
+#: (kernel, stride) of every spatial operation in DISANet, in order (conv1, res8 ×2, conv2, blur,
+#: res16 ×2, conv3, blur, res32 ×2, 1×1 conv).
+LAYER_KERNELS = ([(3, 1)] * 4 + [(5, 2)] + [(3, 1)] * 3 + [(5, 2)] + [(3, 1)] * 2 + [(1, 1)])
