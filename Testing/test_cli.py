@@ -118,7 +118,7 @@ def _nan_image(tmp_path):
     ["refine", "f.nii.gz", "m.nii.gz", "--init", "x", "-o", "out", "--mode", "iso"],
     ["register2d3d", "ct.nii.gz", "xray.nii.gz", "--geometry", "g.json", "-o", "out"],
     ["drr", "ct.nii.gz", "--geometry", "g.json", "--pose", "0,0,0,0,0,0", "-o", "drr.nii.gz"],
-    ["train", "disa", "-o", "dir"],
+    ["train", "general", "-o", "dir"],
 ])
 def test_commands_not_available_yet_say_so(args, capsys):
     code, err = _run_cli(args, capsys)

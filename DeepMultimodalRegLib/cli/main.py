@@ -85,12 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("models", help="list the shipped networks")
     s.add_argument("--json", action="store_true")
 
-    t = sub.add_parser("train", help="train a network with this project's recipes")
+    t = sub.add_parser("train", help="train a network with this project's recipes (resumes in -o DIR)")
     t.add_argument("what", choices=TRAINABLE)
     t.add_argument("inputs", nargs="*", type=Path)
     t.add_argument("-o", "--output", type=Path, required=True)
     t.add_argument("--geometry", type=Path)
-    t.add_argument("--quick", action="store_true")
+    t.add_argument("--data-dir", type=Path, help="folder of the training scans (default: ../shared/data)")
+    t.add_argument("--steps", type=int, help="optimiser steps (default: the recipe's)")
+    t.add_argument("--minutes", type=float, help="stop after this wall time, checkpointed; run again to resume")
+    t.add_argument("--quick", action="store_true", help="a few steps on small crops, to check the set-up")
     _device_and_seed(t)
     return p
 
@@ -200,6 +203,33 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    if args.what != "disa":
+        return cmd_not_available(args)
+    from ..fileio import check_output_dir
+    from ..progress import TqdmProgress
+    from ..training.disa_train import DisaTrainingConfig, train_disa
+
+    out = check_output_dir(args.output)
+    config = DisaTrainingConfig(seed=args.seed)
+    if args.quick:
+        config = DisaTrainingConfig(steps=20, anchors_per_crop=64, validation_crop_pairs=2, validation_every=10,
+                                    checkpoint_every=10, warmup_steps=5, seed=args.seed)
+    if args.steps:
+        config.steps = args.steps
+    config.max_minutes = args.minutes
+    bar = TqdmProgress("train disa")
+    try:
+        summary = train_disa(out, config, data_dir=args.data_dir, progress=bar)
+    finally:
+        bar.close()
+    v = summary["final_validation"]
+    state = "finished" if summary["finished"] else "stopped (run again to resume)"
+    print(f"{state} at step {summary['steps']} after {summary['seconds']:.0f} s: validation MSE {v['mse']:.4f}, "
+          f"Pearson {v['pearson']:.3f} on {v['pairs']} held-out pairs; weights {out / 'disa.pt'}")
+    return 0
+
+
 def cmd_not_available(args) -> int:
     what = {"refine": "interactive refinement (ISO/RSO)", "register2d3d": "2D/3D registration (SOPI)",
             "drr": "DRR rendering", "train": f"training '{getattr(args, 'what', '')}'"}[args.command]
@@ -208,7 +238,7 @@ def cmd_not_available(args) -> int:
 
 COMMANDS = {"apply": cmd_apply, "register": cmd_register, "demo": cmd_demo, "models": cmd_models,
             "refine": cmd_not_available, "register2d3d": cmd_not_available, "drr": cmd_not_available,
-            "train": cmd_not_available}
+            "train": cmd_train}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

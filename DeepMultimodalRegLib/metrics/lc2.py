@@ -38,9 +38,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import InvalidImageError, InvalidParameterError
-from .local_stats import (as_5d, box_mean, check_centres, check_radius, extract_patches, gradient_magnitude,
+from .local_stats import (as_5d, box_mean, box_mean_valid, check_centres, check_radius, extract_patches, gradient_magnitude,
                           safe_sqrt)
 
 #: ridge ε, relative to each regressor's patch variance
@@ -276,3 +277,41 @@ def volume_lc2(fixed: torch.Tensor, moving_warped: torch.Tensor, radius: int = 3
     num = (lc2.double() * w).sum((-3, -2, -1))
     value = torch.where(total > 0, num / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(num))
     return value.to(_out_dtype(fixed, moving))
+
+
+# ------------------------------------------------------------------------------ one patch, everywhere
+def lc2_of_patches_everywhere(a: torch.Tensor, centres_a, b: torch.Tensor, radius: int, stride: int = 1,
+                              pad: bool = True, ridge: float = LC2_RIDGE) -> torch.Tensor:
+    """LC² of K patches of ``a`` (around ``centres_a`` [K, 3]) against the patch of ``b`` at every
+    voxel of ``b`` whose indices are multiples of ``stride``: ``[K, D', H', W']``.
+
+    The LC² similarity map of the paper's Fig. 1, and the DISA sampler's "all candidate patches".
+    Cross moments come from a 3D convolution of ``b`` (and its gradient magnitude) with the centred
+    anchor patches as kernels; the other moments from box filters; then the same closed-form fit
+    as :func:`patch_lc2`.  ``pad=False`` skips the replicate padding: output q then sits on voxel
+    ``radius + stride·q`` of ``b`` (for callers that pass a region holding every patch).
+    Equal to :func:`lc2_at_points` pair by pair.
+    """
+    a, b = _tensor(a, "first image"), _tensor(b, "second image")
+    radius = check_radius(radius)
+    ridge = _check_ridge(ridge)
+    ca = check_centres(centres_a, a.shape, "centres_a").to(a.device)
+    b64 = b.double()
+    b64 = (b64 - b64.mean()) / b64.std().clamp_min(1e-12)  # LC² is invariant; keeps moments well scaled
+    g64 = gradient_magnitude(b64)
+    if pad:
+        b64 = F.pad(b64[None, None], (radius,) * 6, mode="replicate")[0, 0]
+        g64 = F.pad(g64[None, None], (radius,) * 6, mode="replicate")[0, 0]
+    patches = extract_patches(a.double(), ca, radius)  # [K, n]
+    n = patches.shape[1]
+    a0 = patches - patches.mean(1, keepdim=True)
+    shape = (-1, 1, 1, 1)
+    vaa, saa = (a0 * a0).mean(1).reshape(shape), (patches * patches).mean(1).reshape(shape)
+    bb, gg = b64[None, None], g64[None, None]
+    kernel = a0.reshape(-1, 1, 2 * radius + 1, 2 * radius + 1, 2 * radius + 1)
+    cov_ab = F.conv3d(bb, kernel, stride=stride)[0] / n  # E[a0·b] = cov(a, b)
+    cov_ag = F.conv3d(gg, kernel, stride=stride)[0] / n
+    eb, eg, ebb, egg, ebg = box_mean_valid(torch.cat([bb, gg, bb * bb, gg * gg, bb * gg], 1), radius, stride)[0]
+    lc2 = lc2_from_moments(vaa, saa, (ebb - eb * eb).clamp_min(0), ebb, (egg - eg * eg).clamp_min(0), egg,
+                           ebg - eb * eg, cov_ab, cov_ag, ridge)
+    return lc2.to(_out_dtype(a, b))

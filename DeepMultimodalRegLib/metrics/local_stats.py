@@ -54,6 +54,15 @@ def box_mean(x: torch.Tensor, radius: int, stride: int = 1) -> torch.Tensor:
     return F.avg_pool3d(x, kernel_size=(1, 1, k), stride=(1, 1, stride))
 
 
+def box_mean_valid(x: torch.Tensor, radius: int, stride: int = 1) -> torch.Tensor:
+    """Means over cubes of side 2r+1 at voxels r + stride·q of ``x`` [N, C, D, H, W], no padding
+    (for callers whose input already holds every cube).  Separable, three 1D average pools."""
+    k = 2 * radius + 1
+    x = F.avg_pool3d(x, kernel_size=(k, 1, 1), stride=(stride, 1, 1))
+    x = F.avg_pool3d(x, kernel_size=(1, k, 1), stride=(1, stride, 1))
+    return F.avg_pool3d(x, kernel_size=(1, 1, k), stride=(1, 1, stride))
+
+
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     """√x for x ≥ 0 with a finite gradient (0) where x = 0."""
     positive = x > 0

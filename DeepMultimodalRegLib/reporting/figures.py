@@ -30,7 +30,8 @@ import numpy as np
 from ..fileio import atomic_output, check_output_path
 
 __all__ = ["PLANES", "normalise_for_display", "display_limits", "checkerboard", "middle_slices",
-           "overlay_composite", "report_panels", "write_report_png"]
+           "overlay_composite", "report_panels", "write_report_png", "planes_through", "plane_pixel_position",
+           "draw_plane"]
 
 #: the anatomical planes, in display order
 PLANES = ("axial", "coronal", "sagittal")
@@ -203,6 +204,58 @@ def middle_slices(volume) -> dict[str, np.ndarray]:
         slab = np.take(data, [index], axis=2 - axis)
         out[plane] = _display_plane(slab, volume.geometry, plane)
     return out
+
+
+def _voxel_planes(geometry, voxel) -> dict[str, tuple[int, int]]:
+    """For each displayed plane: (index axis normal to it, the voxel's index along that axis)."""
+    k, j, i = (int(v) for v in voxel)
+    index_xyz = (i, j, k)
+    size = geometry.size_xyz
+    if any(not 0 <= v < n for v, n in zip(index_xyz, size)):
+        raise ValueError(f"voxel (k, j, i) = {(k, j, i)} is outside the grid of shape (z, y, x) = {geometry.shape}")
+    return {plane: (axis, index_xyz[axis]) for plane, (axis, _) in _plane_indices(geometry).items()}
+
+
+def planes_through(volume, voxel) -> dict[str, np.ndarray]:
+    """Like :func:`middle_slices`, but the planes pass through ``voxel`` (k, j, i) instead of the centre.
+
+    Display-ready 2D float arrays by plane name, radiological orientation; a single-slice volume
+    gives its one plane.  :func:`plane_pixel_position` says where ``voxel`` lands in each of them.
+    """
+    data = _as_numpy(volume)
+    return {plane: _display_plane(np.take(data, [index], axis=2 - axis), volume.geometry, plane)
+            for plane, (axis, index) in _voxel_planes(volume.geometry, voxel).items()}
+
+
+def plane_pixel_position(geometry, voxel, plane: str) -> tuple[float, float]:
+    """(column, row) of voxel (k, j, i) — integer or continuous — in ``plane`` as displayed.
+
+    The inverse of the reordering and flips :func:`middle_slices` / :func:`planes_through` apply:
+    in a panel drawn by :func:`draw_plane` the voxel's centre is at
+    ``((column + 0.5) · pixel_mm[0], (row + 0.5) · pixel_mm[1])`` in the axes' mm coordinates.
+    """
+    if plane not in PLANES:
+        raise ValueError(f"plane must be one of {PLANES}, got {plane!r}")
+    perm, signs, _ = _axis_assignment(geometry.direction)
+    index_xyz = (float(voxel[2]), float(voxel[1]), float(voxel[0]))
+    size = geometry.size_xyz
+    canon = [0.0, 0.0, 0.0]   # position along physical L, P, S in the canonical (increasing) array
+    extent = [1, 1, 1]
+    for a in range(3):
+        p = perm[a]
+        canon[p] = index_xyz[a] if signs[a] > 0 else size[a] - 1 - index_xyz[a]
+        extent[p] = size[a]
+    lat, post, sup = canon
+    flipped_sup = extent[2] - 1 - sup
+    return {"axial": (lat, post), "coronal": (lat, flipped_sup), "sagittal": (post, flipped_sup)}[plane]
+
+
+def draw_plane(ax, image, plane: str, pixel_mm, **kwargs) -> None:
+    """Draw a displayed plane in ``ax`` as the report figure does: physical aspect, no ticks, the
+    patient-direction letters (``letters=False`` to leave them out); axes coordinates are mm from
+    the panel's top-left corner.  Keyword arguments: cmap, vmin, vmax, letters, corner_text,
+    scale_bar."""
+    _draw_panel(ax, image, plane, pixel_mm, **kwargs)
 
 
 def _slices_on_fixed_grid(volume, fixed_geometry, default_value: float) -> dict[str, np.ndarray]:

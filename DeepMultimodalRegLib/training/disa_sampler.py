@@ -1,0 +1,158 @@
+"""Patch-pair sampling for DISA training, dense: one forward pass per crop gives every descriptor.
+
+One *crop pair* is a cube of ``CROP`` voxels from each of two scans.  The network's descriptors sit
+on every 4th voxel of a crop; the ones at least ``MARGIN`` voxels from the crop's faces are the
+*sites* (11³ = 1331 per crop).  For each of K anchor sites in the fitted crop, picked with
+probability ∝ the local variance of its patch (the LC² weight), the LC² target against **every**
+site of the other crop is computed at once (radii 3, 5, 7: cross moments by 3D convolution with the
+anchor patch as kernel, the other moments by box filters); then, as in the paper, t ~ U[0, 1] is
+drawn and the site whose target is closest to t is the partner.  This spreads the targets evenly
+over [0, 1] and costs a few convolutions per crop pair instead of one network pass per patch.
+
+Which scan is fitted and which supplies the gradient is drawn at random (the paper's "we randomly
+pick it from either CT or MR"); the descriptor dot product is symmetric, so the network learns the
+average of both directions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..image.volume import Volume
+from ..metrics.lc2 import DISA_RADII, LC2_RIDGE, lc2_of_patches_everywhere
+from ..metrics.local_stats import box_mean_valid
+
+#: crop side in voxels: 4·16 + 1, so flips map the descriptor grid (every 4th voxel) onto itself
+CROP = 65
+#: distance of the outermost site from the crop's faces (≥ the largest patch radius, 7)
+MARGIN = 12
+STRIDE = 4
+
+
+def site_indices(crop: int = CROP, margin: int = MARGIN) -> torch.Tensor:
+    """Voxel indices along one axis of the sites of a crop: multiples of 4 in [margin, crop−1−margin]."""
+    return torch.arange(margin, crop - margin, STRIDE)
+
+
+@dataclass
+class CropPair:
+    fitted: torch.Tensor  # [CROP]^3 float, the image whose patches are fitted
+    regressor: torch.Tensor  # [CROP]^3, the image whose intensity + gradient magnitude fit them
+    anchors: torch.Tensor  # [K, 3] site coordinates (descriptor-grid index) in the fitted crop
+    partners: torch.Tensor  # [K, 3] site coordinates in the regressor crop
+    targets: torch.Tensor  # [K] DISA targets (mean LC² over radii 3, 5, 7)
+
+
+def random_crop_origin(shape, generator: torch.Generator, data: torch.Tensor | None = None, tries: int = 8):
+    """A crop corner inside the volume; prefers crops whose centre region is not background."""
+    best, best_score = None, -1.0
+    for _ in range(tries):
+        corner = [int(torch.randint(0, max(1, s - CROP + 1), (1,), generator=generator)) for s in shape]
+        if data is None:
+            return corner
+        c = [x + CROP // 2 for x in corner]
+        centre = data[c[0] - 8:c[0] + 8, c[1] - 8:c[1] + 8, c[2] - 8:c[2] + 8]
+        score = float(centre.std())
+        if score > best_score:
+            best, best_score = corner, score
+        if score > 0.3:
+            break
+    return best
+
+
+def crop(volume: torch.Tensor, corner) -> torch.Tensor:
+    k, j, i = corner
+    return volume[k:k + CROP, j:j + CROP, i:i + CROP]
+
+
+def targets_against_all_sites(fitted: torch.Tensor, regressor: torch.Tensor, anchors_vox: torch.Tensor,
+                              radii=DISA_RADII, ridge: float = LC2_RIDGE) -> torch.Tensor:
+    """DISA targets [K, S, S, S] of K fitted-crop patches against the patches at every site of the
+    regressor crop (S sites per axis): the mean over radii of :func:`lc2_of_patches_everywhere`
+    on the region that just holds every site's patch (no padding needed)."""
+    sites = site_indices(regressor.shape[0])
+    lo, hi = int(sites[0]), int(sites[-1])
+    values = []
+    for r in radii:
+        # one extra site on each side, dropped after: the gradient magnitude at the region's faces
+        # is one-sided, and this keeps it out of every kept patch
+        m = r + STRIDE
+        region = regressor[(slice(lo - m, hi + m + 1),) * 3]
+        lc2 = lc2_of_patches_everywhere(fitted, anchors_vox, region, r, STRIDE, pad=False, ridge=ridge)
+        values.append(lc2[:, 1:-1, 1:-1, 1:-1])
+    return torch.stack(values).mean(0).float()
+
+
+def site_weights(fitted: torch.Tensor, radius: int = max(DISA_RADII)) -> torch.Tensor:
+    """LC² weight of every site of a crop: the local variance of its patch, [S, S, S]."""
+    sites = site_indices(fitted.shape[0])
+    lo, hi = int(sites[0]), int(sites[-1])
+    region = fitted.double()[(slice(lo - radius, hi + radius + 1),) * 3][None, None]
+    mean, mean_sq = box_mean_valid(torch.cat([region, region * region], 1), radius, STRIDE)[0]
+    return (mean_sq - mean * mean).clamp_min(0).float()
+
+
+def sample_crop_pair(fitted_volume: torch.Tensor, regressor_volume: torch.Tensor, anchors: int,
+                     generator: torch.Generator, aligned: bool = False) -> CropPair:
+    """Crops of two prepared scans and ``anchors`` (anchor, partner, target) triples sampled as the
+    paper does.  ``aligned`` takes both crops at the same place (co-registered scans only), which
+    yields the high-LC² pairs that unrelated crops rarely contain."""
+    corner_f = random_crop_origin(fitted_volume.shape, generator, fitted_volume)
+    corner_r = corner_f if aligned else random_crop_origin(regressor_volume.shape, generator, regressor_volume)
+    f = crop(fitted_volume, corner_f)
+    r = crop(regressor_volume, corner_r)
+    sites = site_indices(f.shape[0])
+    s = len(sites)
+    w = site_weights(f).reshape(-1)
+    w = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / w.numel())
+    flat = torch.multinomial(w + 1e-3 / w.numel(), anchors, replacement=True, generator=generator)
+    anchor_sites = torch.stack([flat // (s * s), (flat // s) % s, flat % s], 1)
+    targets_all = targets_against_all_sites(f, r, sites[anchor_sites]).reshape(anchors, -1)  # [K, S³]
+    t = torch.rand(anchors, 1, generator=generator)
+    pick = (targets_all - t).abs().argmin(1)
+    partner_sites = torch.stack([pick // (s * s), (pick // s) % s, pick % s], 1)
+    first = int(sites[0]) // STRIDE  # descriptor index of site 0
+    return CropPair(f.float(), r.float(), anchor_sites + first, partner_sites + first,
+                    targets_all[torch.arange(anchors), pick])
+
+
+@dataclass
+class Augmentation:
+    """One random rigid symmetry of the cube (axis permutation + flips) shared by both crops, and an
+    independent sign and affine intensity change per crop: none of them changes the LC² target."""
+
+    permutation: tuple[int, int, int]
+    flips: tuple[int, ...]
+    intensity: tuple[tuple[float, float], tuple[float, float]]
+
+    @classmethod
+    def random(cls, generator: torch.Generator) -> "Augmentation":
+        perm = tuple(int(v) for v in torch.randperm(3, generator=generator))
+        flips = tuple(d for d in range(3) if bool(torch.rand(1, generator=generator) < 0.5))
+        intensity = []
+        for _ in range(2):
+            sign = -1.0 if bool(torch.rand(1, generator=generator) < 0.5) else 1.0
+            scale = float(torch.empty(1).uniform_(0.5, 2.0, generator=generator))
+            shift = float(torch.empty(1).uniform_(-1.0, 1.0, generator=generator))
+            intensity.append((sign * scale, shift))
+        return cls(perm, flips, (intensity[0], intensity[1]))  # type: ignore[arg-type]
+
+    def image(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        """Augment a crop [D, H, W] (which = 0 for the fitted crop, 1 for the regressor crop)."""
+        a, b = self.intensity[which]
+        x = x.permute(*self.permutation)
+        if self.flips:
+            x = x.flip(self.flips)
+        return a * x + b
+
+    def undo_on_descriptors(self, d: torch.Tensor) -> torch.Tensor:
+        """Bring a descriptor map [B, C, D, H, W] of an augmented crop back to the crop's own axes."""
+        if self.flips:
+            d = d.flip([f + 2 for f in self.flips])
+        inverse = [0] * 3
+        for i, p in enumerate(self.permutation):
+            inverse[p] = i
+        return d.permute(0, 1, *(v + 2 for v in inverse))

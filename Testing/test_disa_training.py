@@ -1,0 +1,113 @@
+"""DISA training: the sampler's targets against the LC² oracle, the sampler's spread, augmentations
+that leave targets unchanged, a tiny run that lowers the loss, resumable checkpoints, publishing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from DeepMultimodalRegLib.metrics import disa_target
+from DeepMultimodalRegLib.networks.disa_net import DISANet
+from DeepMultimodalRegLib.training.disa_sampler import (CROP, Augmentation, sample_crop_pair, site_indices,
+                                                        targets_against_all_sites)
+from DeepMultimodalRegLib.training.disa_train import predicted_similarity
+
+
+@pytest.fixture(scope="module")
+def prepared_pair(sample_t1, sample_t2):
+    from DeepMultimodalRegLib.disa.preprocess import prepare_for_disa
+
+    return prepare_for_disa(sample_t1).data, prepare_for_disa(sample_t2).data
+
+
+def test_targets_equal_the_lc2_oracle_pair_by_pair(prepared_pair):
+    t1, t2 = prepared_pair
+    f, r = t1[20:20 + CROP, 30:30 + CROP, 20:20 + CROP], t2[25:25 + CROP, 20:20 + CROP, 30:30 + CROP]
+    sites = site_indices()
+    g = torch.Generator().manual_seed(0)
+    anchors = sites[torch.randint(0, len(sites), (12, 3), generator=g)]
+    partners = torch.randint(0, len(sites), (12, 3), generator=g)
+    all_targets = targets_against_all_sites(f, r, anchors)
+    ours = all_targets[torch.arange(12), partners[:, 0], partners[:, 1], partners[:, 2]]
+    assert torch.allclose(ours.double(), disa_target(f, r, anchors, sites[partners]).double(), atol=1e-5)
+
+
+def test_sampler_spreads_targets_and_aligned_crops_reach_high_values(prepared_pair):
+    t1, t2 = prepared_pair
+    g = torch.Generator().manual_seed(1)
+    unrelated = sample_crop_pair(t1, t2, 256, g, aligned=False).targets
+    aligned = sample_crop_pair(t1, t2, 256, g, aligned=True).targets
+    both = torch.cat([unrelated, aligned])
+    assert both.min() >= 0 and both.max() <= 1
+    assert float(both.std()) > 0.1  # not collapsed onto one value
+    assert float(aligned.max()) > 0.6  # co-registered T1/T2 patches are well explained by each other
+
+
+def test_augmentation_leaves_lc2_targets_unchanged(prepared_pair):
+    t1, t2 = prepared_pair
+    f, r = t1[20:20 + CROP, 30:30 + CROP, 20:20 + CROP], t2[20:20 + CROP, 30:30 + CROP, 20:20 + CROP]
+    sites = site_indices()
+    anchors = sites[torch.tensor([[3, 4, 5], [6, 2, 8], [5, 5, 5]])]
+    before = targets_against_all_sites(f, r, anchors)
+    aug = Augmentation.random(torch.Generator().manual_seed(3))
+    fa, ra = aug.image(f, 0), aug.image(r, 1)
+    # where the anchors went: apply the same symmetry to an index volume
+    index = torch.arange(CROP ** 3).reshape(CROP, CROP, CROP)
+    moved = aug.image(index.double(), 0)
+    a_scale, a_shift = aug.intensity[0]
+    new_anchor = []
+    for k, j, i in anchors.tolist():
+        value = a_scale * index[k, j, i] + a_shift
+        new_anchor.append((moved - value).abs().argmin().item())
+    new_anchor = torch.tensor([[v // CROP ** 2, (v // CROP) % CROP, v % CROP] for v in new_anchor])
+    after = targets_against_all_sites(fa, ra, new_anchor)[:, :, :, :]
+    after = aug.undo_on_descriptors(after[:, None])[:, 0]
+    assert torch.allclose(before, after, atol=1e-4)
+
+
+def test_tiny_training_run_lowers_the_loss(prepared_pair):
+    t1, t2 = prepared_pair
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    pair = sample_crop_pair(t1, t2, 128, g, aligned=True)
+    model = DISANet()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-4)
+
+    def loss_of():
+        return ((predicted_similarity(model, pair, None) - pair.targets) ** 2).mean()
+
+    with torch.no_grad():
+        start = float(loss_of())
+    for _ in range(15):
+        optimiser.zero_grad()
+        loss_of().backward()
+        optimiser.step()
+    with torch.no_grad():
+        end = float(loss_of())
+    assert end < 0.5 * start, (start, end)
+
+
+def test_publish_writes_manifest_card_and_loads_by_checksum(tmp_path, monkeypatch):
+    from DeepMultimodalRegLib.networks import load_disa_network
+    from DeepMultimodalRegLib.training.publish import publish_weights
+    from DeepMultimodalRegLib.weights import manifest
+
+    monkeypatch.setattr(manifest, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(manifest, "MANIFEST", tmp_path / "manifest.json")
+    model = DISANet()
+    src = tmp_path / "trained.pt"
+    torch.save(model.state_dict(), src)
+    entry = publish_weights(src, "disa", "disa", "# card\n")
+    assert entry.parameters == 90_752
+    listed = json.loads((tmp_path / "manifest.json").read_text())["models"]
+    assert [m["name"] for m in listed] == ["disa"] and listed[0]["sha256"] == entry.sha256
+    loaded = load_disa_network("disa")
+    x = torch.randn(1, 1, 16, 16, 16)
+    model.eval()
+    assert torch.allclose(loaded(x), model(x))
+    # a replaced weights file is refused, naming the file
+    torch.save(DISANet().state_dict(), tmp_path / "disa.pt")
+    with pytest.raises(Exception, match="disa.pt"):
+        load_disa_network("disa")
