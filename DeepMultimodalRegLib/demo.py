@@ -79,12 +79,34 @@ def run_demo(out_dir: str | Path, device: str = "auto", seed: int = 0,
                         "seconds": round(time.perf_counter() - started, 2), "device": result.device})
     summary = {"pair": {"fixed": fixed.name, "moving": moving.name,
                         "misalignment_deg_mm": list(DEMO_MISALIGNMENT)},
-               "results": entries}
+               "results": entries, "similarity_map": _similarity_map(fixed, moving, truth, out, device)}
     with atomic_output(out / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     _write_index(out, summary)
     scope(1.0, "done")
     return summary
+
+
+def _similarity_map(fixed, moving, truth, out: Path, device: str) -> dict | None:
+    """The DISA / LC² / MIND-SSC similarity of the fixed image's centre to every point of the moving
+    image (paper Fig. 1), and how far each map's maximum lies from the known corresponding point."""
+    from .disa.similarity_map import map_agreement, similarity_maps, write_similarity_map_png
+    from .networks import load_disa_network
+    from .weights.manifest import WeightsError
+
+    try:
+        model = load_disa_network()
+    except WeightsError as exc:
+        return {"skipped": str(exc)}
+    point = torch.as_tensor(fixed.geometry.center, dtype=torch.float64)
+    maps = similarity_maps(fixed, moving, point.tolist(), model=model, device=device)
+    expected = truth.transform_points(point[None])[0, 0]
+    distances = {name: float(torch.linalg.norm(torch.as_tensor(location, dtype=torch.float64) - expected))
+                 for name, location in maps.maxima.items()}
+    write_similarity_map_png(maps, out / "similarity_map.png",
+                             title="Similarity of the T1's centre to every point of the moved T2")
+    return {"file": "similarity_map.png", "max_distance_to_true_point_mm": distances,
+            "agreement": map_agreement(maps)}
 
 
 def _registry_runner(name: str, device: str, seed: int):
@@ -117,6 +139,12 @@ def _write_index(out: Path, summary: dict) -> None:
     note = ("" if available else "<p>No deep registration method is available in this version yet; the table "
             "shows the classical peer on the same pair.</p>")
     mis = summary["pair"]["misalignment_deg_mm"]
+    sim = summary.get("similarity_map") or {}
+    if sim.get("file"):
+        d = sim["max_distance_to_true_point_mm"]
+        images += (f"<h2>Similarity maps (DISA, LC², MIND-SSC)</h2><p>Distance of each map's maximum from the "
+                   f"known corresponding point: " + ", ".join(f"{k} {v:.1f} mm" for k, v in d.items()) +
+                   f"</p><img src='{sim['file']}' width='100%'>")
     page = f"""<!doctype html><html><head><meta charset='utf-8'><title>DeepMultimodalReg demo</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:auto}}td,th{{padding:4px 10px;border-bottom:1px solid #ccc}}</style>
 </head><body><h1>DeepMultimodalReg demo</h1>

@@ -10,9 +10,10 @@ import torch
 
 from DeepMultimodalRegLib.metrics import disa_target
 from DeepMultimodalRegLib.networks.disa_net import DISANet
-from DeepMultimodalRegLib.training.disa_sampler import (CROP, Augmentation, sample_crop_pair, site_indices,
+from DeepMultimodalRegLib.training.disa_sampler import (CROP, Augmentation, equalised_weights, sample_crop_pair,
+                                                        sample_dense_crop_pair, site_indices,
                                                         targets_against_all_sites)
-from DeepMultimodalRegLib.training.disa_train import predicted_similarity
+from DeepMultimodalRegLib.training.disa_train import dense_loss
 
 
 @pytest.fixture(scope="module")
@@ -67,16 +68,36 @@ def test_augmentation_leaves_lc2_targets_unchanged(prepared_pair):
     assert torch.allclose(before, after, atol=1e-4)
 
 
+def test_equalised_weights_give_every_target_bin_the_same_weight():
+    targets = torch.cat([torch.full((90,), 0.05), torch.full((9,), 0.55), torch.tensor([0.97])])
+    w = equalised_weights(targets)
+    assert torch.isclose(w.sum(), torch.tensor(1.0))
+    for value in (0.05, 0.55, 0.97):
+        assert torch.isclose(w[targets == value].sum(), torch.tensor(1 / 3))
+
+
+def test_dense_targets_agree_with_the_t_sampled_ones(prepared_pair):
+    t1, t2 = prepared_pair
+    dense = sample_dense_crop_pair(t1, t2, 8, torch.Generator().manual_seed(5), aligned=True)
+    first = int(site_indices()[0]) // 4
+    sites = site_indices()
+    anchors_voxels = sites[dense.anchors[:3] - first]
+    oracle = disa_target(dense.fitted, dense.regressor, anchors_voxels,
+                         sites[torch.tensor([[0, 0, 0], [5, 5, 5], [10, 2, 7]])])
+    ours = dense.targets[torch.arange(3), torch.tensor([0, 5, 10]), torch.tensor([0, 5, 2]), torch.tensor([0, 5, 7])]
+    assert torch.allclose(ours.double(), oracle.double(), atol=1e-5)
+
+
 def test_tiny_training_run_lowers_the_loss(prepared_pair):
     t1, t2 = prepared_pair
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(2)
-    pair = sample_crop_pair(t1, t2, 128, g, aligned=True)
+    pair = sample_dense_crop_pair(t1, t2, 128, g, aligned=True)
     model = DISANet()
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-4)
 
     def loss_of():
-        return ((predicted_similarity(model, pair, None) - pair.targets) ** 2).mean()
+        return dense_loss(model, pair, None)
 
     with torch.no_grad():
         start = float(loss_of())

@@ -114,8 +114,9 @@ def _point_tensor(point_lps) -> torch.Tensor:
 
 def _continuous_index(geometry: ImageGeometry, points: torch.Tensor) -> torch.Tensor:
     """Continuous (i, j, k) index of physical points [..., 3] (float64)."""
-    m = torch.as_tensor(geometry.physical_to_index_matrix(), dtype=torch.float64, device=points.device)
-    return points.double() @ m[:3, :3].T + m[:3, 3]
+    from ..transforms.sampling import physical_to_continuous_index
+
+    return physical_to_continuous_index(points.double(), geometry)
 
 
 def _inside(geometry: ImageGeometry, point: torch.Tensor) -> bool:

@@ -156,3 +156,42 @@ class Augmentation:
         for i, p in enumerate(self.permutation):
             inverse[p] = i
         return d.permute(0, 1, *(v + 2 for v in inverse))
+
+
+@dataclass
+class DenseCropPair:
+    """A crop pair with the targets of K anchors against **every** site of the other crop."""
+
+    fitted: torch.Tensor
+    regressor: torch.Tensor
+    anchors: torch.Tensor  # [K, 3] descriptor-grid indices in the fitted crop
+    targets: torch.Tensor  # [K, S, S, S] targets against every site of the regressor crop
+
+
+def sample_dense_crop_pair(fitted_volume: torch.Tensor, regressor_volume: torch.Tensor, anchors: int,
+                           generator: torch.Generator, aligned: bool = False) -> DenseCropPair:
+    """Like :func:`sample_crop_pair`, but keeps every candidate: K × S³ pairs per crop pair from the
+    same two network passes (the loss then flattens the target distribution, see
+    :func:`equalised_weights`, which is what the paper's t-sampling does one pair at a time)."""
+    corner_f = random_crop_origin(fitted_volume.shape, generator, fitted_volume)
+    corner_r = corner_f if aligned else random_crop_origin(regressor_volume.shape, generator, regressor_volume)
+    f = crop(fitted_volume, corner_f)
+    r = crop(regressor_volume, corner_r)
+    sites = site_indices(f.shape[0])
+    s = len(sites)
+    w = site_weights(f).reshape(-1)
+    w = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / w.numel())
+    flat = torch.multinomial(w + 1e-3 / w.numel(), anchors, replacement=True, generator=generator)
+    anchor_sites = torch.stack([flat // (s * s), (flat // s) % s, flat % s], 1)
+    targets = targets_against_all_sites(f, r, sites[anchor_sites])
+    first = int(sites[0]) // STRIDE
+    return DenseCropPair(f.float(), r.float(), anchor_sites + first, targets)
+
+
+def equalised_weights(targets: torch.Tensor, bins: int = 10) -> torch.Tensor:
+    """Per-pair loss weights that give every target bin of [0, 1] the same total weight: the
+    histogram-flattening that the paper's t-sampling achieves by drawing t ~ U[0, 1]."""
+    index = (targets.clamp(0, 1) * bins).long().clamp_max(bins - 1)
+    counts = torch.bincount(index.reshape(-1), minlength=bins).to(targets.dtype)
+    weights = 1.0 / counts.clamp_min(1.0)
+    return weights[index] / (counts > 0).sum()
