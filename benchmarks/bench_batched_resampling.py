@@ -30,9 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DEEPMMREG_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
-def load_cube(size: int) -> Volume:
+def load_cube(size: int, data_dir: Path = SHARED) -> Volume:
     """The real Kirby21 T1 resampled to a size³ grid covering its field of view."""
-    image = sitk.ReadImage(str(SHARED / "mr_kirby21_113" / "t1_mprage.nii.gz"), sitk.sitkFloat32)
+    image = sitk.ReadImage(str(Path(data_dir) / "mr_kirby21_113" / "t1_mprage.nii.gz"), sitk.sitkFloat32)
     extent = np.array(image.GetSize()) * np.array(image.GetSpacing())
     spacing = [float(extent.max() / size)] * 3
     center = image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in image.GetSize()])

@@ -361,18 +361,12 @@ def measure_approximation(model, args, device) -> dict:
 
 # ----------------------------------------------------------------------------------- 2. extraction time
 def scan_cube(size: int, data_dir: Path) -> Volume:
-    """The real Kirby21 T1 resampled (linear) to a size³ grid covering its field of view, z-scored."""
-    import SimpleITK as sitk
+    """The real Kirby21 T1 resampled to a size³ grid covering its field of view (the same cube as the
+    resampling benchmark), z-scored."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_batched_resampling import load_cube
 
-    image = sitk.ReadImage(str(Path(data_dir) / "mr_kirby21_113" / "t1_mprage.nii.gz"), sitk.sitkFloat32)
-    extent = np.array(image.GetSize()) * np.array(image.GetSpacing())
-    spacing = [float(extent.max() / size)] * 3
-    center = image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in image.GetSize()])
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    origin = np.array(center) - direction @ (np.array(spacing) * (size - 1) / 2)
-    cube = sitk.Resample(image, [size] * 3, sitk.Transform(), sitk.sitkLinear, origin.tolist(), spacing,
-                         image.GetDirection(), 0.0, sitk.sitkFloat32)
-    volume = Volume.from_sitk(cube, name=f"kirby21_t1_{size}cube")
+    volume = load_cube(size, Path(data_dir))
     z = volume.data
     return volume.with_data((z - z.mean()) / z.std().clamp_min(1e-6))
 

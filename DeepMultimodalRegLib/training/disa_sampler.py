@@ -95,21 +95,29 @@ def site_weights(fitted: torch.Tensor, radius: int = max(DISA_RADII)) -> torch.T
     return (mean_sq - mean * mean).clamp_min(0).float()
 
 
+def _crops_and_anchors(fitted_volume: torch.Tensor, regressor_volume: torch.Tensor, anchors: int,
+                       generator: torch.Generator, aligned: bool):
+    """The two crops and ``anchors`` anchor sites [K, 3] (site-grid indices) of the fitted crop,
+    drawn with probability ∝ the local variance of their patch (the LC² weight)."""
+    corner_f = random_crop_origin(fitted_volume.shape, generator, fitted_volume)
+    corner_r = corner_f if aligned else random_crop_origin(regressor_volume.shape, generator, regressor_volume)
+    f = crop(fitted_volume, corner_f)
+    r = crop(regressor_volume, corner_r)
+    s = len(site_indices(f.shape[0]))
+    w = site_weights(f).reshape(-1)
+    w = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / w.numel())
+    flat = torch.multinomial(w + 1e-3 / w.numel(), anchors, replacement=True, generator=generator)
+    return f, r, torch.stack([flat // (s * s), (flat // s) % s, flat % s], 1)
+
+
 def sample_crop_pair(fitted_volume: torch.Tensor, regressor_volume: torch.Tensor, anchors: int,
                      generator: torch.Generator, aligned: bool = False) -> CropPair:
     """Crops of two prepared scans and ``anchors`` (anchor, partner, target) triples sampled as the
     paper does.  ``aligned`` takes both crops at the same place (co-registered scans only), which
     yields the high-LC² pairs that unrelated crops rarely contain."""
-    corner_f = random_crop_origin(fitted_volume.shape, generator, fitted_volume)
-    corner_r = corner_f if aligned else random_crop_origin(regressor_volume.shape, generator, regressor_volume)
-    f = crop(fitted_volume, corner_f)
-    r = crop(regressor_volume, corner_r)
+    f, r, anchor_sites = _crops_and_anchors(fitted_volume, regressor_volume, anchors, generator, aligned)
     sites = site_indices(f.shape[0])
     s = len(sites)
-    w = site_weights(f).reshape(-1)
-    w = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / w.numel())
-    flat = torch.multinomial(w + 1e-3 / w.numel(), anchors, replacement=True, generator=generator)
-    anchor_sites = torch.stack([flat // (s * s), (flat // s) % s, flat % s], 1)
     targets_all = targets_against_all_sites(f, r, sites[anchor_sites]).reshape(anchors, -1)  # [K, S³]
     t = torch.rand(anchors, 1, generator=generator)
     pick = (targets_all - t).abs().argmin(1)
@@ -173,16 +181,8 @@ def sample_dense_crop_pair(fitted_volume: torch.Tensor, regressor_volume: torch.
     """Like :func:`sample_crop_pair`, but keeps every candidate: K × S³ pairs per crop pair from the
     same two network passes (the loss then flattens the target distribution, see
     :func:`equalised_weights`, which is what the paper's t-sampling does one pair at a time)."""
-    corner_f = random_crop_origin(fitted_volume.shape, generator, fitted_volume)
-    corner_r = corner_f if aligned else random_crop_origin(regressor_volume.shape, generator, regressor_volume)
-    f = crop(fitted_volume, corner_f)
-    r = crop(regressor_volume, corner_r)
+    f, r, anchor_sites = _crops_and_anchors(fitted_volume, regressor_volume, anchors, generator, aligned)
     sites = site_indices(f.shape[0])
-    s = len(sites)
-    w = site_weights(f).reshape(-1)
-    w = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / w.numel())
-    flat = torch.multinomial(w + 1e-3 / w.numel(), anchors, replacement=True, generator=generator)
-    anchor_sites = torch.stack([flat // (s * s), (flat // s) % s, flat % s], 1)
     targets = targets_against_all_sites(f, r, sites[anchor_sites])
     first = int(sites[0]) // STRIDE
     return DenseCropPair(f.float(), r.float(), anchor_sites + first, targets)
