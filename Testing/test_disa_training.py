@@ -132,3 +132,25 @@ def test_publish_writes_manifest_card_and_loads_by_checksum(tmp_path, monkeypatc
     torch.save(DISANet().state_dict(), tmp_path / "disa.pt")
     with pytest.raises(Exception, match="disa.pt"):
         load_disa_network("disa")
+
+
+def test_training_checkpoints_and_resumes(prepared_pair, tmp_path, monkeypatch):
+    import DeepMultimodalRegLib.training.disa_train as disa_train
+    from DeepMultimodalRegLib.image import ImageGeometry, Volume
+    from DeepMultimodalRegLib.training.disa_train import DisaTrainingConfig, train_disa
+
+    t1, t2 = prepared_pair
+    scans = {"kirby21_t1": Volume(t1, ImageGeometry(shape=tuple(t1.shape))),
+             "kirby21_t2": Volume(t2, ImageGeometry(shape=tuple(t2.shape)))}
+    monkeypatch.setattr(disa_train, "load_prepared_scans", lambda *args, **kwargs: dict(scans))
+    config = DisaTrainingConfig(steps=2, anchors_per_crop=8, validation_crop_pairs=1, warmup_steps=1,
+                                checkpoint_every=1, validation_every=1)
+    first = train_disa(tmp_path, config)
+    assert first["steps"] == 2 and first["finished"]
+    before = torch.load(tmp_path / "disa.pt", weights_only=True)
+    config.steps = 3
+    second = train_disa(tmp_path, config)  # resumes at step 2, runs one more
+    assert second["steps"] == 3
+    after = torch.load(tmp_path / "disa.pt", weights_only=True)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert [v["step"] for v in second["validation"]] == [1, 2, 3]
