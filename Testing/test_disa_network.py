@@ -296,9 +296,24 @@ def test_int8_quantisation_and_dot_product_accuracy():
 
 
 # ---------------------------------------------------------------------------- weights
-def test_no_shipped_weights_is_a_clear_weights_error():
-    with pytest.raises(WeightsError, match="no DISA weights named 'disa'"):
-        load_disa_network("disa")
+def test_unknown_weights_name_is_a_clear_weights_error():
+    with pytest.raises(WeightsError, match="no DISA weights named 'no-such-net'"):
+        load_disa_network("no-such-net")
+
+
+def test_shipped_weights_load_and_give_finite_unit_bounded_descriptors(sample_t1):
+    from DeepMultimodalRegLib.disa.preprocess import prepare_for_disa
+    from DeepMultimodalRegLib.weights import load_manifest, verify_weights
+
+    entry = next(e for e in load_manifest() if e.name == "disa")
+    verify_weights(entry)  # the SHA-256 in the manifest matches the file
+    assert entry.path.stat().st_size < 1024 ** 2
+    model = load_disa_network("disa")
+    assert count_parameters(model) == 90_752
+    descriptors, geometry = compute_descriptors(model, prepare_for_disa(sample_t1), device="cpu")
+    assert bool(torch.isfinite(descriptors).all())
+    norms = descriptors.norm(dim=0)
+    assert float(norms.max()) <= 1 + 1e-5 and float(norms.mean()) > 0.05  # not a dead network
 
 
 @pytest.fixture
