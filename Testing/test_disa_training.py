@@ -63,7 +63,7 @@ def test_augmentation_leaves_lc2_targets_unchanged(prepared_pair):
         value = a_scale * index[k, j, i] + a_shift
         new_anchor.append((moved - value).abs().argmin().item())
     new_anchor = torch.tensor([[v // CROP ** 2, (v // CROP) % CROP, v % CROP] for v in new_anchor])
-    after = targets_against_all_sites(fa, ra, new_anchor)[:, :, :, :]
+    after = targets_against_all_sites(fa, ra, new_anchor)
     after = aug.undo_on_descriptors(after[:, None])[:, 0]
     assert torch.allclose(before, after, atol=1e-4)
 

@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidImageError, InvalidParameterError
-from .local_stats import (as_5d, box_mean, box_mean_valid, check_centres, check_radius, extract_patches, gradient_magnitude,
-                          safe_sqrt)
+from .local_stats import (as_5d, box_mean, box_mean_valid, check_centres, check_radius, extract_patches,
+                          gradient_magnitude, safe_sqrt)
 
 #: ridge ε, relative to each regressor's patch variance
 LC2_RIDGE = 1e-6

@@ -24,7 +24,7 @@ import torch
 from ..fileio import atomic_output
 from ..networks.disa_net import DISANet, count_parameters
 from ..progress import CancelToken, ProgressCallback, no_progress
-from .disa_sampler import (Augmentation, CropPair, DenseCropPair, equalised_weights, sample_crop_pair,
+from .disa_sampler import (STRIDE, Augmentation, CropPair, DenseCropPair, equalised_weights, sample_crop_pair,
                            sample_dense_crop_pair, site_indices)
 from .scans import SCANS, load_prepared_scans, spec_by_name
 
@@ -67,30 +67,42 @@ def pair_pool(names: list[str]) -> list[tuple[str, str, bool]]:
     return out
 
 
-def draw_crop_pair(scans: dict, pairs, config: DisaTrainingConfig, generator: torch.Generator) -> CropPair:
+def _choose_scans(scans: dict, pairs, config: DisaTrainingConfig, generator: torch.Generator):
+    """(fitted volume, regressor volume, aligned) for one crop pair."""
     fitted, regressor, coregistered = pairs[int(torch.randint(len(pairs), (1,), generator=generator))]
     aligned = coregistered and bool(torch.rand(1, generator=generator) < config.aligned_probability)
-    return sample_crop_pair(scans[fitted].data, scans[regressor].data, config.anchors_per_crop, generator, aligned)
+    return scans[fitted].data, scans[regressor].data, aligned
+
+
+def draw_crop_pair(scans: dict, pairs, config: DisaTrainingConfig, generator: torch.Generator) -> CropPair:
+    fitted, regressor, aligned = _choose_scans(scans, pairs, config, generator)
+    return sample_crop_pair(fitted, regressor, config.anchors_per_crop, generator, aligned)
 
 
 def draw_dense_crop_pair(scans: dict, pairs, config: DisaTrainingConfig,
                          generator: torch.Generator) -> DenseCropPair:
-    fitted, regressor, coregistered = pairs[int(torch.randint(len(pairs), (1,), generator=generator))]
-    aligned = coregistered and bool(torch.rand(1, generator=generator) < config.aligned_probability)
-    return sample_dense_crop_pair(scans[fitted].data, scans[regressor].data, config.anchors_per_crop, generator,
-                                  aligned)
+    fitted, regressor, aligned = _choose_scans(scans, pairs, config, generator)
+    return sample_dense_crop_pair(fitted, regressor, config.anchors_per_crop, generator, aligned)
 
 
-def dense_loss(model: DISANet, pair: DenseCropPair, augmentation: Augmentation | None) -> torch.Tensor:
-    """Histogram-equalised squared error of the dot products of K anchors with every site."""
+def crop_descriptors(model: DISANet, pair: CropPair | DenseCropPair,
+                     augmentation: Augmentation | None) -> torch.Tensor:
+    """Descriptors [2, 16, 17, 17, 17] of the fitted and regressor crops, in the crops' own axes
+    (the augmentation is applied to the inputs and undone on the descriptor maps)."""
     crops = [pair.fitted, pair.regressor]
     if augmentation is not None:
         crops = [augmentation.image(c, i) for i, c in enumerate(crops)]
     descriptors = model(torch.stack(crops)[:, None])
     if augmentation is not None:
         descriptors = augmentation.undo_on_descriptors(descriptors)
+    return descriptors
+
+
+def dense_loss(model: DISANet, pair: DenseCropPair, augmentation: Augmentation | None) -> torch.Tensor:
+    """Histogram-equalised squared error of the dot products of K anchors with every site."""
+    descriptors = crop_descriptors(model, pair, augmentation)
     a = descriptors[0][:, pair.anchors[:, 0], pair.anchors[:, 1], pair.anchors[:, 2]]  # [C, K]
-    first = int(site_indices()[0]) // 4
+    first = int(site_indices()[0]) // STRIDE
     s = pair.targets.shape[-1]
     b = descriptors[1][:, first:first + s, first:first + s, first:first + s].reshape(a.shape[0], -1)  # [C, S³]
     predicted = a.T @ b
@@ -100,12 +112,7 @@ def dense_loss(model: DISANet, pair: DenseCropPair, augmentation: Augmentation |
 
 def predicted_similarity(model: DISANet, pair: CropPair, augmentation: Augmentation | None) -> torch.Tensor:
     """Dot products of the descriptors at the anchor and partner sites, [K]."""
-    crops = [pair.fitted, pair.regressor]
-    if augmentation is not None:
-        crops = [augmentation.image(c, i) for i, c in enumerate(crops)]
-    descriptors = model(torch.stack(crops)[:, None])  # [2, 16, 17, 17, 17]
-    if augmentation is not None:
-        descriptors = augmentation.undo_on_descriptors(descriptors)
+    descriptors = crop_descriptors(model, pair, augmentation)
     a = descriptors[0][:, pair.anchors[:, 0], pair.anchors[:, 1], pair.anchors[:, 2]]
     b = descriptors[1][:, pair.partners[:, 0], pair.partners[:, 1], pair.partners[:, 2]]
     return (a * b).sum(0)
