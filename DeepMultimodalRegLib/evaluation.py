@@ -38,3 +38,23 @@ def target_registration_error(estimate: Transform, truth: Transform, points: tor
     d = torch.linalg.norm(a - b, dim=-1).numpy()
     return {"mean_mm": float(np.mean(d)), "median_mm": float(np.median(d)), "p95_mm": float(np.percentile(d, 95)),
             "max_mm": float(np.max(d)), "points": int(d.size)}
+
+
+def misaligned_copy(volume: Volume, truth: Transform, margin_mm: float = 0.0, name: str | None = None) -> Volume:
+    """``volume`` moved by a known transform: moving(y) = volume(truth⁻¹(y)), so fixed x ↔ moving truth(x).
+
+    The copy lies on the volume's grid widened by ``margin_mm`` on every side (as a scan with a
+    larger field of view would), so a large known motion does not push anatomy out of the image.
+    ``truth`` must be invertible (a linear transform).
+    """
+    from .transforms.resample import warp_volume
+
+    grid = volume.geometry
+    if margin_mm > 0:
+        extra = np.ceil(margin_mm / np.asarray(grid.spacing)).astype(int)  # voxels per side (x, y, z)
+        origin = np.asarray(grid.origin) - grid.direction_matrix @ (extra * np.asarray(grid.spacing))
+        shape = tuple(int(n + 2 * e) for n, e in zip(grid.shape, extra[::-1]))
+        grid = type(grid)(shape=shape, spacing=grid.spacing, origin=tuple(origin), direction=grid.direction)
+    moved = warp_volume(volume.float(), truth.inverse(), grid)
+    moved.name = name or f"{volume.name}_moved"
+    return moved

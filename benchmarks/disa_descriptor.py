@@ -67,7 +67,7 @@ from DeepMultimodalRegLib.image.geometry import ImageGeometry
 from DeepMultimodalRegLib.image.volume import Volume
 from DeepMultimodalRegLib.metrics.lc2 import lc2_of_patches_everywhere, volume_lc2
 from DeepMultimodalRegLib.metrics.lc2 import DISA_RADII, disa_target
-from DeepMultimodalRegLib.metrics.local_stats import box_mean
+from DeepMultimodalRegLib.metrics.local_stats import local_variance as patch_variance
 from DeepMultimodalRegLib.metrics.mind import mind_ssc, mind_ssd
 from DeepMultimodalRegLib.networks.disa_net import (DESCRIPTOR_CHANNELS, OUTPUT_STRIDE, DISANet, _adapt_state_dict,
                                                     compute_descriptors, count_parameters, load_disa_network)
@@ -178,10 +178,8 @@ def machine_info(devices) -> dict:
 
 
 def local_variance(data: torch.Tensor, radius: int = WEIGHT_RADIUS, stride: int = OUTPUT_STRIDE) -> torch.Tensor:
-    """Variance of the cube of side 2r+1 around every stride-th voxel (the LC² weight): [⌈D/s⌉, ...], float64."""
-    x = data.double()[None, None]
-    m = box_mean(torch.cat([x, x * x], 1), radius, stride)[0]
-    return (m[1] - m[0] * m[0]).clamp_min(0.0)
+    """The LC² patch weight on the descriptor grid (the library's local variance, radius 7, stride 4)."""
+    return patch_variance(data, radius, stride)
 
 
 def interior_sites(shape, margin: int = MARGIN) -> torch.Tensor:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import __version__
-from ..errors import DeepMMRegError, NotAvailableError
+from ..errors import DeepMMRegError, InvalidParameterError, NotAvailableError
 from ..methods.registry import METHODS
 
 EXIT_USER_ERROR = 2
@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="run the available methods on the embedded sample and write a report")
     m.add_argument("-o", "--output", type=Path, default=Path("demo_output"))
+    m.add_argument("--methods", type=_method_list, default=None,
+                   help="comma-separated methods to run (default: disa-rigid,disa-affine,mind-rigid)")
     _device_and_seed(m)
 
     s = sub.add_parser("models", help="list the shipped networks")
@@ -94,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, help="optimiser steps (default: the recipe's)")
     t.add_argument("--minutes", type=float, help="stop after this wall time, checkpointed; run again to resume")
     t.add_argument("--quick", action="store_true", help="a few steps on small crops, to check the set-up")
+    t.add_argument("--init-weights", help="disa: fine-tune from these weights (a state_dict file)")
+    t.add_argument("--aligned-probability", type=float, help="disa: chance that co-registered crops are aligned")
+    t.add_argument("--aligned-jitter", type=int, help="disa: shift of aligned crops, voxels per axis (max)")
+    t.add_argument("--learning-rate", type=float, help="disa: peak learning rate")
+    t.add_argument("--warmup-steps", type=int, help="disa: learning-rate warm-up steps")
     _device_and_seed(t)
     return p
 
@@ -171,13 +178,21 @@ def cmd_register(args) -> int:
     return 0
 
 
+def _method_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    return names
+
+
 def cmd_demo(args) -> int:
     from ..demo import run_demo
     from ..progress import TqdmProgress
 
     bar = TqdmProgress("demo")
     try:
-        summary = run_demo(args.output, device=args.device, seed=args.seed, progress=bar)
+        summary = run_demo(args.output, device=args.device, seed=args.seed, progress=bar, methods=args.methods)
     finally:
         bar.close()
     for e in summary["results"]:
@@ -217,6 +232,11 @@ def cmd_train(args) -> int:
                                     checkpoint_every=10, warmup_steps=5, seed=args.seed)
     if args.steps:
         config.steps = args.steps
+    for name in ("init_weights", "aligned_jitter", "aligned_probability", "learning_rate", "warmup_steps"):
+        if getattr(args, name, None) is not None:
+            setattr(config, name, getattr(args, name))
+    if config.init_weights and not Path(config.init_weights).is_file():
+        raise InvalidParameterError(f"initial weights not found: {config.init_weights}")
     config.max_minutes = args.minutes
     bar = TqdmProgress("train disa")
     try:

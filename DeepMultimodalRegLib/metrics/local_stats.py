@@ -122,3 +122,14 @@ def extract_patches(volume: torch.Tensor, centres: torch.Tensor, radius: int) ->
     j = idx[..., 1].clamp(0, h - 1)
     i = idx[..., 2].clamp(0, w - 1)
     return volume.reshape(-1)[(k * h + j) * w + i]
+
+
+def local_variance(image: torch.Tensor, radius: int, stride: int = 1) -> torch.Tensor:
+    """Variance of the cube of side ``2·radius+1`` around every ``stride``-th voxel of a [D, H, W] image.
+
+    This is LC²'s patch weight (flat patches carry no structure, so they count little).  Computed in
+    float64 so the E[x²] − E[x]² difference does not cancel; returns [⌈D/s⌉, ⌈H/s⌉, ⌈W/s⌉] ≥ 0.
+    """
+    x = image.double()[None, None]
+    m = box_mean(torch.cat([x, x * x], 1), radius, stride)[0]
+    return (m[1] - m[0] * m[0]).clamp_min(0.0)

@@ -95,12 +95,22 @@ def site_weights(fitted: torch.Tensor, radius: int = max(DISA_RADII)) -> torch.T
     return (mean_sq - mean * mean).clamp_min(0).float()
 
 
+def _jittered(corner, shape, jitter: int, generator: torch.Generator):
+    """``corner`` shifted by a random integer in [-jitter, jitter] per axis, kept inside the volume."""
+    if jitter <= 0:
+        return corner
+    shift = torch.randint(-jitter, jitter + 1, (3,), generator=generator).tolist()
+    return tuple(int(min(max(c + d, 0), n - CROP)) for c, d, n in zip(corner, shift, shape))
+
+
 def _crops_and_anchors(fitted_volume: torch.Tensor, regressor_volume: torch.Tensor, anchors: int,
-                       generator: torch.Generator, aligned: bool):
+                       generator: torch.Generator, aligned: bool, jitter: int = 0):
     """The two crops and ``anchors`` anchor sites [K, 3] (site-grid indices) of the fitted crop,
-    drawn with probability ∝ the local variance of their patch (the LC² weight)."""
+    drawn with probability ∝ the local variance of their patch (the LC² weight).  ``aligned`` crops
+    sit at the same place up to ``jitter`` voxels per axis."""
     corner_f = random_crop_origin(fitted_volume.shape, generator, fitted_volume)
-    corner_r = corner_f if aligned else random_crop_origin(regressor_volume.shape, generator, regressor_volume)
+    corner_r = (_jittered(corner_f, regressor_volume.shape, jitter, generator) if aligned
+                else random_crop_origin(regressor_volume.shape, generator, regressor_volume))
     f = crop(fitted_volume, corner_f)
     r = crop(regressor_volume, corner_r)
     s = len(site_indices(f.shape[0]))
@@ -177,11 +187,11 @@ class DenseCropPair:
 
 
 def sample_dense_crop_pair(fitted_volume: torch.Tensor, regressor_volume: torch.Tensor, anchors: int,
-                           generator: torch.Generator, aligned: bool = False) -> DenseCropPair:
+                           generator: torch.Generator, aligned: bool = False, jitter: int = 0) -> DenseCropPair:
     """Like :func:`sample_crop_pair`, but keeps every candidate: K × S³ pairs per crop pair from the
     same two network passes (the loss then flattens the target distribution, see
     :func:`equalised_weights`, which is what the paper's t-sampling does one pair at a time)."""
-    f, r, anchor_sites = _crops_and_anchors(fitted_volume, regressor_volume, anchors, generator, aligned)
+    f, r, anchor_sites = _crops_and_anchors(fitted_volume, regressor_volume, anchors, generator, aligned, jitter)
     sites = site_indices(f.shape[0])
     targets = targets_against_all_sites(f, r, sites[anchor_sites])
     first = int(sites[0]) // STRIDE

@@ -39,6 +39,12 @@ class DisaTrainingConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 100
     aligned_probability: float = 0.3  # co-registered scans: crops at the same place
+    #: co-registered crops "at the same place" are shifted by up to this many voxels per axis, so
+    #: corresponding points also fall between the stride-4 descriptor sites, where registration
+    #: interpolates them (0: exactly the same place)
+    aligned_jitter: int = 0
+    #: start from these weights (a state_dict file) instead of a random initialisation: fine-tuning
+    init_weights: str | None = None
     validation_crop_pairs: int = 16
     validation_every: int = 250
     checkpoint_every: int = 100
@@ -82,7 +88,8 @@ def draw_crop_pair(scans: dict, pairs, config: DisaTrainingConfig, generator: to
 def draw_dense_crop_pair(scans: dict, pairs, config: DisaTrainingConfig,
                          generator: torch.Generator) -> DenseCropPair:
     fitted, regressor, aligned = _choose_scans(scans, pairs, config, generator)
-    return sample_dense_crop_pair(fitted, regressor, config.anchors_per_crop, generator, aligned)
+    return sample_dense_crop_pair(fitted, regressor, config.anchors_per_crop, generator, aligned,
+                                  config.aligned_jitter)
 
 
 def crop_descriptors(model: DISANet, pair: CropPair | DenseCropPair,
@@ -160,6 +167,8 @@ def train_disa(out_dir: str | Path, config: DisaTrainingConfig | None = None, da
     pairs = pair_pool(sorted(train_scans))
 
     model = DISANet()
+    if config.init_weights:
+        model.load_state_dict(torch.load(config.init_weights, weights_only=True))
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     state = TrainingState()
     generator = torch.Generator().manual_seed(config.seed)

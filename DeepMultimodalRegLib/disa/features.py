@@ -1,0 +1,190 @@
+"""Feature maps the registration engine compares: DISA descriptors or MIND-SSC, computed once.
+
+The engine never looks at intensities while it optimises: it samples precomputed feature maps.
+A :class:`FeaturePair` holds the fixed and moving maps, each on its own physical grid, the weight of
+every fixed-map voxel (the fixed image's local variance, as LC² weights its patches, times a user
+mask) and how two feature vectors are compared:
+
+* ``dot``: DISA — the dot product of descriptors approximates LC² (higher is better);
+* ``ssd``: MIND-SSC — minus the mean squared difference of the 12 channels (higher is better).
+
+Both extractors start from the same preparation (2 mm isotropic, z-scored; :func:`prepare_for_disa`)
+so comparisons between them run on identical code paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import InvalidImageError, InvalidParameterError
+from ..image.geometry import ImageGeometry
+from ..image.volume import Volume
+from ..metrics.local_stats import local_variance
+from ..metrics.mind import mind_ssc
+from ..networks.disa_net import OUTPUT_STRIDE, compute_descriptors, load_disa_network
+from ..transforms.base import Transform
+from ..transforms.linear import AffineTransform
+from ..transforms.resample import resample_tensor
+from .preprocess import DISA_SPACING_MM, prepare_for_disa
+
+#: half-width (voxels at 2 mm) of the cube whose variance weights a location: the largest DISA radius
+WEIGHT_RADIUS = 7
+#: MIND-SSC settings of the issue (radius, dilation) at the 2 mm working spacing
+MIND_RADIUS, MIND_DILATION = 1, 2
+
+
+@dataclass
+class FeatureMap:
+    """Feature vectors ``data`` [C, D, H, W] on the physical grid ``geometry``."""
+
+    data: torch.Tensor
+    geometry: ImageGeometry
+
+    def pooled(self, factor: int = 2) -> "FeatureMap":
+        """Average-pooled by ``factor`` per axis: a coarser level for the first iterations."""
+        return FeatureMap(_pool(self.data, factor), pooled_geometry(self.geometry, factor))
+
+
+@dataclass
+class FeaturePair:
+    fixed: FeatureMap
+    moving: FeatureMap
+    #: [D, H, W] on the fixed map's grid, ≥ 0; zero where a location must not count
+    weight: torch.Tensor
+    #: "dot" (DISA) or "ssd" (MIND-SSC)
+    comparison: str
+    #: fixed locations are taken every ``point_stride`` voxels of the fixed map (MIND maps are dense)
+    point_stride: int = 1
+    name: str = ""
+    #: seconds spent computing the maps (the "features" stage of a report)
+    seconds: float = 0.0
+    #: pooling of the coarse search level: about 16 mm blocks (DISA's 8 mm maps ×2, MIND's 2 mm ×8)
+    coarse_factor: int = 2
+
+    def pooled(self, factor: int = 2) -> "FeaturePair":
+        weight = _pool(self.weight[None], factor)[0]
+        return FeaturePair(self.fixed.pooled(factor), self.moving.pooled(factor), weight, self.comparison,
+                           max(1, self.point_stride // factor), self.name, self.seconds, 1)
+
+    def coarse(self) -> "FeaturePair":
+        """The coarse level of the search (:attr:`coarse_factor`)."""
+        return self.pooled(self.coarse_factor)
+
+    @property
+    def channels(self) -> int:
+        return int(self.fixed.data.shape[0])
+
+
+def _pool(data: torch.Tensor, factor: int) -> torch.Tensor:
+    if factor == 1:
+        return data
+    return F.avg_pool3d(data[None], kernel_size=factor, stride=factor, ceil_mode=True)[0]
+
+
+def pooled_geometry(geometry: ImageGeometry, factor: int) -> ImageGeometry:
+    """Grid of a ``factor``-pooled map: block k covers voxels [f·k, f·k + f − 1], centred on f·k + (f−1)/2."""
+    shift = geometry.direction_matrix @ (np.asarray(geometry.spacing) * (factor - 1) / 2)
+    return ImageGeometry(shape=tuple(-(-n // factor) for n in geometry.shape),
+                         spacing=tuple(s * factor for s in geometry.spacing),
+                         origin=tuple(np.asarray(geometry.origin) + shift), direction=geometry.direction)
+
+
+def _mask_on(mask: Optional[Volume], grid: ImageGeometry, role: str) -> Optional[torch.Tensor]:
+    """A user mask resampled (nearest neighbour) onto ``grid``; refused when it does not overlap it."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Volume):
+        raise InvalidParameterError(f"the {role} mask must be a volume with its geometry")
+    identity = AffineTransform.identity(1, dtype=torch.float64)
+    on_grid = resample_tensor((mask.data != 0).float()[None], mask.geometry, identity, grid, interpolation="nearest")
+    on_grid = on_grid[0, 0]
+    if not bool(on_grid.any()):
+        raise InvalidImageError(
+            f"the {role} mask {mask.name or ''} has no voxel inside the {role} image's field of view; check that "
+            "it belongs to this image (same patient space)")
+    return on_grid
+
+
+def location_weights(prepared_fixed: Volume, stride: int, fixed_mask: Optional[Volume],
+                     grid: ImageGeometry) -> torch.Tensor:
+    """LC²'s weight of each fixed location: the local variance (radius 7 at 2 mm) times the user mask."""
+    weight = local_variance(prepared_fixed.data, WEIGHT_RADIUS, stride).float()
+    mask = _mask_on(fixed_mask, grid, "fixed")
+    if mask is not None:
+        weight = weight * mask.to(weight)
+    if not bool((weight > 0).any()):
+        raise InvalidImageError("the fixed image has no structure where it is to be compared (flat, or masked out)")
+    return weight
+
+
+def _masked_moving(prepared: Volume, moving_mask: Optional[Volume]) -> Volume:
+    """Outside the moving mask the moving image is set to its background level before features are made."""
+    mask = _mask_on(moving_mask, prepared.geometry, "moving")
+    if mask is None:
+        return prepared
+    background = float(prepared.data.min())
+    return prepared.with_data(torch.where(mask > 0, prepared.data, torch.full_like(prepared.data, background)))
+
+
+def disa_features(fixed: Volume, moving: Volume, device: torch.device, model: Optional[torch.nn.Module] = None,
+                  fixed_mask: Optional[Volume] = None, moving_mask: Optional[Volume] = None,
+                  fixed_modality: str | None = None, moving_modality: str | None = None) -> FeaturePair:
+    """DISA descriptors of both volumes at the network's 2 mm spacing (descriptor grid 8 mm)."""
+    import time
+
+    start = time.perf_counter()
+    model = model if model is not None else load_disa_network("disa", device=device)
+    f = prepare_for_disa(fixed, DISA_SPACING_MM, fixed_modality)
+    m = _masked_moving(prepare_for_disa(moving, DISA_SPACING_MM, moving_modality), moving_mask)
+    phi_f, grid_f = compute_descriptors(model, f.to(device), device)
+    phi_m, grid_m = compute_descriptors(model, m.to(device), device)
+    weight = location_weights(f, OUTPUT_STRIDE, fixed_mask, grid_f).to(phi_f.device)
+    common = centring_vector(phi_f, weight)
+    return FeaturePair(FeatureMap(phi_f - common, grid_f), FeatureMap(phi_m - common, grid_m), weight, "dot", 1,
+                       "DISA", time.perf_counter() - start)
+
+
+def centring_vector(descriptors: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The weighted mean fixed descriptor c [C, 1, 1, 1], subtracted from both maps before registration.
+
+    Why: the trained descriptors share a large common component (its norm is most of a descriptor's),
+    which is how the dot product reproduces LC²'s baseline (~0.3 for unrelated patches).  With it,
+    ⟨a, b⟩ contains the term ⟨c, b⟩ that rewards moving locations for their own content, whatever
+    they are compared with, and the optimum drifts.  ⟨a − c, b − c⟩ differs from ⟨a, b⟩ by exactly
+    −⟨c, a⟩ − ⟨c, b⟩ + ‖c‖², removing that bias; on Kirby21 T2→T1 it turns a 3% peak that a pose
+    40 mm away exceeds into a clear single peak at the true pose (docs/benchmarks.md, DISA
+    registration).  A common vector also keeps every map difference unchanged.
+    """
+    w = weight.to(descriptors.dtype)
+    return ((descriptors * w).sum((1, 2, 3)) / w.sum().clamp_min(1e-12))[:, None, None, None]
+
+
+def mind_features(fixed: Volume, moving: Volume, device: torch.device, fixed_mask: Optional[Volume] = None,
+                  moving_mask: Optional[Volume] = None, fixed_modality: str | None = None,
+                  moving_modality: str | None = None) -> FeaturePair:
+    """MIND-SSC (r=1, d=2) of both volumes at 2 mm; fixed locations every 4 voxels, like DISA's grid."""
+    import time
+
+    start = time.perf_counter()
+    f = prepare_for_disa(fixed, DISA_SPACING_MM, fixed_modality)
+    m = _masked_moving(prepare_for_disa(moving, DISA_SPACING_MM, moving_modality), moving_mask)
+    mind_f = mind_ssc(f.data.to(device).float(), MIND_RADIUS, MIND_DILATION)[0]
+    mind_m = mind_ssc(m.data.to(device).float(), MIND_RADIUS, MIND_DILATION)[0]
+    weight = location_weights(f, 1, fixed_mask, f.geometry).to(mind_f.device)
+    return FeaturePair(FeatureMap(mind_f, f.geometry), FeatureMap(mind_m, m.geometry), weight, "ssd",
+                       OUTPUT_STRIDE, "MIND-SSC", time.perf_counter() - start, coarse_factor=8)
+
+
+def feature_pair(kind: str, fixed: Volume, moving: Volume, device: torch.device, **kwargs) -> FeaturePair:
+    """``kind`` "disa" or "mind"."""
+    if kind == "disa":
+        return disa_features(fixed, moving, device, **kwargs)
+    if kind == "mind":
+        kwargs.pop("model", None)
+        return mind_features(fixed, moving, device, **kwargs)
+    raise InvalidParameterError(f"unknown feature kind {kind!r}; use 'disa' or 'mind'")

@@ -1,0 +1,188 @@
+"""The feature-based registration methods: disa-* and mind-* (rigid, affine, deformable).
+
+One code path for both feature kinds, so DISA and MIND-SSC are compared on identical engines:
+
+1. features of fixed and moving, computed once (:mod:`.features`);
+2. a rigid pose by local or global search (:mod:`.search`);
+3. ``affine``: a local affine refinement from the rigid pose;
+4. ``deformable``: the affine pose, then either the dense discrete stage (``deformable="dense"``,
+   the paper's section 4.2, the default) or a coarse B-spline optimised jointly with the pose
+   (``deformable="bspline"``).
+
+Options in ``RegistrationOptions.extra``: ``starts``, ``range_deg``, ``range_mm`` (global search),
+``initial`` (a linear transform to start from instead of aligned image centres), ``deformable``
+("dense" | "bspline"), ``control_spacing_mm``, ``model`` (a DISA network already loaded),
+``fixed_modality``/``moving_modality`` ("CT" | "MR", guessed otherwise).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import fields
+
+import numpy as np
+import torch
+
+from ..device import describe_device, resolve_device
+from ..errors import InvalidParameterError
+from ..image.validation import validate_registration_input
+from ..image.volume import Volume
+from ..methods.registry import RegistrationOptions
+from ..progress import ProgressScope
+from ..result import RegistrationResult, RegistrationStep
+from ..transforms.composite import CompositeTransform
+from ..transforms.linear import LinearTransform, RigidTransform
+from ..transforms.resample import warp_volume
+from .features import FeaturePair, feature_pair
+from .objective import FeatureObjective
+from .parametrization import AffineParametrization, PoseWithBSpline, RigidParametrization, nearest_rotation_pose
+from .search import SearchSettings, search_pose
+
+_EXTRA_KEYS = {"starts", "range_deg", "range_mm", "initial", "deformable", "control_spacing_mm", "model",
+               "fixed_modality", "moving_modality", "coarse_points", "fine_points", "coarse_iterations",
+               "fine_iterations", "keep", "memory_budget_bytes", "dense"}
+
+
+def _boxes_overlap(a: Volume, b: Volume) -> bool:
+    ca, cb = a.geometry.corner_points(), b.geometry.corner_points()
+    lo, hi = np.maximum(ca.min(0), cb.min(0)), np.minimum(ca.max(0), cb.max(0))
+    return bool(np.all(lo < hi))
+
+
+def centred_initial_pose(fixed: Volume, moving: Volume) -> RigidTransform:
+    """The default start: no rotation, the fixed image's centre mapped onto the moving image's centre."""
+    c_f = np.asarray(fixed.geometry.center, dtype=np.float64)
+    c_m = np.asarray(moving.geometry.center, dtype=np.float64)
+    params = torch.as_tensor(np.concatenate([np.zeros(3), c_m - c_f]))[None]
+    return RigidTransform(params, c_f)
+
+
+def _settings(options: RegistrationOptions) -> SearchSettings:
+    names = {f.name for f in fields(SearchSettings)}
+    chosen = {k: v for k, v in options.extra.items() if k in names}
+    return SearchSettings(search=options.search, **chosen)
+
+
+def _radius_mm(objective: FeatureObjective, center: torch.Tensor) -> float:
+    """Weighted RMS distance of the compared points from the centre: the lever arm of a rotation."""
+    d2 = ((objective.points - center.to(objective.points)) ** 2).sum(1)
+    return float(torch.sqrt((d2 * objective.weights.double()).sum()).clamp_min(10.0))
+
+
+def _check_extra(options: RegistrationOptions) -> None:
+    unknown = set(options.extra) - _EXTRA_KEYS
+    if unknown:
+        raise InvalidParameterError(f"unknown option(s) {sorted(unknown)}; known: {sorted(_EXTRA_KEYS)}")
+    mode = options.extra.get("deformable", "dense")
+    if mode not in ("dense", "bspline"):
+        raise InvalidParameterError(f"deformable must be 'dense' or 'bspline', got {mode!r}")
+    initial = options.extra.get("initial")
+    if initial is not None and not isinstance(initial, LinearTransform):
+        raise InvalidParameterError("the initial transform must be a linear (rigid or affine) transform")
+
+
+def register_with_features(kind: str, mode: str, fixed: Volume, moving: Volume,
+                           options: RegistrationOptions) -> RegistrationResult:
+    """Register ``moving`` onto ``fixed`` with ``kind`` features ("disa" | "mind") and ``mode``
+    ("rigid" | "affine" | "deformable")."""
+    method = f"{kind}-{mode}"
+    validate_registration_input(fixed, "fixed", method)
+    validate_registration_input(moving, "moving", method)
+    _check_extra(options)
+    settings = _settings(options)
+    settings.validate()
+    device = resolve_device(options.device)
+    try:
+        return _register(kind, mode, fixed, moving, options, settings, device)
+    except torch.cuda.OutOfMemoryError:
+        if device.type != "cuda":
+            raise
+        torch.cuda.empty_cache()
+        warnings.warn(f"GPU out of memory during {method}; running it again on the CPU (slower)", RuntimeWarning,
+                      stacklevel=2)
+        return _register(kind, mode, fixed, moving, options, settings, torch.device("cpu"))
+
+
+def _register(kind: str, mode: str, fixed: Volume, moving: Volume, options: RegistrationOptions,
+              settings: SearchSettings, device: torch.device) -> RegistrationResult:
+    method = f"{kind}-{mode}"
+    start = time.perf_counter()
+    scope = ProgressScope(options.progress)
+    extra = options.extra
+    if not _boxes_overlap(fixed, moving):
+        warnings.warn("the fixed and moving volumes do not overlap in physical space; starting from their centres "
+                      "aligned", RuntimeWarning, stacklevel=3)
+    initial = extra.get("initial") or centred_initial_pose(fixed, moving)
+    scope(0.0, "computing features")
+    pair: FeaturePair = feature_pair(kind, fixed, moving, device, model=extra.get("model"),
+                                     fixed_mask=options.fixed_mask, moving_mask=options.moving_mask,
+                                     fixed_modality=extra.get("fixed_modality"),
+                                     moving_modality=extra.get("moving_modality"))
+    if options.cancel is not None:
+        options.cancel.raise_if_cancelled()
+    history = [RegistrationStep("features", pair.seconds)]
+    center = torch.as_tensor(np.asarray(fixed.geometry.center), dtype=torch.float64)
+    fine = FeatureObjective(pair, settings.fine_points)
+    radius = _radius_mm(fine, center)
+    rigid_p = RigidParametrization(center, radius)
+    with torch.no_grad():
+        before = float(fine.value(initial.to(device=device, dtype=torch.float64))[0])
+
+    t0 = time.perf_counter()
+    x_init = rigid_p.initial(initial if isinstance(initial, RigidTransform) else nearest_rotation_pose(initial))
+    outcome = search_pose(pair, rigid_p, x_init, settings, options.seed, scope.sub(0.05, 0.6 if mode != "rigid" else 1.0), options.cancel)
+    history.append(RegistrationStep(f"rigid ({settings.search})", time.perf_counter() - t0, outcome.iterations,
+                                    {"evaluations": outcome.evaluations, "similarity": outcome.similarity,
+                                     **{k: round(v, 3) for k, v in outcome.stages.items()}}))
+    transform = rigid_p.transform(outcome.x)
+    evaluations = outcome.evaluations
+    local = SearchSettings(**{**vars(settings), "search": "local"})
+    if mode in ("affine", "deformable"):
+        t1 = time.perf_counter()
+        affine_p = AffineParametrization(center, radius)
+        outcome = search_pose(pair, affine_p, affine_p.initial(transform), local, options.seed,
+                              scope.sub(0.6, 0.75 if mode == "deformable" else 1.0), options.cancel)
+        transform = affine_p.transform(outcome.x)
+        evaluations += outcome.evaluations
+        history.append(RegistrationStep("affine (local)", time.perf_counter() - t1, outcome.iterations,
+                                        {"evaluations": outcome.evaluations, "similarity": outcome.similarity}))
+    if mode == "deformable":
+        transform, step = _deformable(pair, transform, fixed, extra, local, options, scope.sub(0.75, 1.0), center,
+                                      radius)
+        history.append(step)
+        evaluations += int(step.figures.get("evaluations", 0))
+    transform = transform.detach().to(device="cpu")
+    with torch.no_grad():
+        after = float(fine.value(transform.to(device=device)))
+    scope(1.0, "warping the moving volume")
+    warped = warp_volume(moving.float(), transform, fixed.geometry)
+    figures = {
+        f"{kind}_similarity_before": before, f"{kind}_similarity_after": after,
+        "evaluations": evaluations, "search": settings.search, "features": pair.name,
+        "feature_points": fine.point_count, "seed": options.seed,
+    }
+    if settings.search == "global":
+        figures.update(starts=settings.starts, range_deg=settings.range_deg, range_mm=settings.range_mm)
+    return RegistrationResult(method, transform, warped, fixed, moving, figures=figures, history=history,
+                              device=describe_device(device), seconds=time.perf_counter() - start)
+
+
+def _deformable(pair: FeaturePair, pose: LinearTransform, fixed: Volume, extra: dict, local: SearchSettings,
+                options: RegistrationOptions, scope: ProgressScope, center, radius):
+    t0 = time.perf_counter()
+    if extra.get("deformable", "dense") == "bspline":
+        spline_p = PoseWithBSpline(AffineParametrization(center, radius), fixed.geometry,
+                                   float(extra.get("control_spacing_mm", 40.0)))
+        outcome = search_pose(pair, spline_p, spline_p.initial(pose), local, options.seed, scope, options.cancel)
+        transform = spline_p.transform(outcome.x)
+        return transform, RegistrationStep("pose + B-spline (local)", time.perf_counter() - t0, outcome.iterations,
+                                           {"evaluations": outcome.evaluations, "similarity": outcome.similarity,
+                                            "control_points": int(np.prod(spline_p.grid.shape))})
+    from .dense import DenseSettings, dense_displacement
+
+    dense_settings = extra.get("dense") or DenseSettings()
+    field = dense_displacement(pair, pose, dense_settings, scope, options.cancel)
+    transform = CompositeTransform([pose, field])
+    return transform, RegistrationStep("dense discrete + regularisation", time.perf_counter() - t0, 0,
+                                       {"grid_spacing_mm": dense_settings.grid_spacing_mm})

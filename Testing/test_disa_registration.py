@@ -1,0 +1,258 @@
+"""The feature-based registration engine (disa-*, mind-*, lc2-rigid): optimiser, objective, search,
+and accuracy against known transforms applied to real co-registered scans."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from DeepMultimodalRegLib.disa.features import FeatureMap, FeaturePair, disa_features, mind_features
+from DeepMultimodalRegLib.disa.objective import FeatureObjective
+from DeepMultimodalRegLib.disa.optimize import batched_lbfgs
+from DeepMultimodalRegLib.disa.parametrization import (AffineParametrization, PoseWithBSpline, RigidParametrization,
+                                                       perturbed_poses)
+from DeepMultimodalRegLib.disa.search import random_starts
+from DeepMultimodalRegLib.errors import CancelledError, InvalidImageError, InvalidParameterError
+from DeepMultimodalRegLib.evaluation import foreground_points, misaligned_copy, target_registration_error
+from DeepMultimodalRegLib.image.io import read_volume
+from DeepMultimodalRegLib.image.volume import Volume
+from DeepMultimodalRegLib.methods.registry import RegistrationOptions, get_method
+from DeepMultimodalRegLib.progress import CancelToken
+from DeepMultimodalRegLib.transforms.linear import AffineTransform, RigidTransform
+from DeepMultimodalRegLib.transforms.resample import warp_volume
+
+from conftest import shared_scan
+
+CPU = torch.device("cpu")
+
+
+def _at_2mm(volume: Volume) -> Volume:
+    return warp_volume(volume.float(), RigidTransform.identity(), volume.geometry.resampled(2.0))
+
+
+@pytest.fixture(scope="module")
+def kirby():
+    """Kirby21 subject 113 T1 and T2 (co-registered, skull-stripped), resampled to 2 mm."""
+    t1 = _at_2mm(read_volume(shared_scan("mr_kirby21_113/t1_mprage.nii.gz")))
+    t2 = _at_2mm(read_volume(shared_scan("mr_kirby21_113/t2.nii.gz")))
+    return t1, t2, foreground_points(t1, 3000, seed=1)
+
+
+def _rigid(deg, mm, center) -> RigidTransform:
+    p = [math.radians(a) for a in deg] + list(mm)
+    return RigidTransform(torch.tensor([p], dtype=torch.float64), torch.as_tensor(center))
+
+
+def _register(method, fixed, moving, search="local", **extra):
+    return get_method(method).runner(fixed, moving, RegistrationOptions(search=search, device="cpu", seed=0,
+                                                                        extra=extra))
+
+
+# ----------------------------------------------------------------------------------- optimiser
+def test_batched_lbfgs_solves_each_start_independently():
+    """Rosenbrock from three starts in one batch: each reaches (1, 1), and the batch gives the same
+    answer as running a start on its own (the starts do not share memory or step sizes)."""
+
+    def rosenbrock(x):
+        return (1 - x[:, 0]) ** 2 + 100 * (x[:, 1] - x[:, 0] ** 2) ** 2
+
+    starts = torch.tensor([[-1.2, 1.0], [2.0, 2.0], [0.0, -1.0]], dtype=torch.float64)
+    batch = batched_lbfgs(rosenbrock, starts, max_iterations=300, initial_step=0.1, max_step=1.0,
+                          x_tolerance=1e-9, f_tolerance=0.0)
+    assert torch.allclose(batch.x, torch.ones(3, 2, dtype=torch.float64), atol=1e-4)
+    single = batched_lbfgs(rosenbrock, starts[1:2], max_iterations=300, initial_step=0.1, max_step=1.0,
+                           x_tolerance=1e-9, f_tolerance=0.0)
+    assert torch.allclose(single.x, batch.x[1:2], atol=1e-8)
+    assert batch.evaluations > 3
+
+
+def test_batched_lbfgs_respects_cancel():
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(CancelledError):
+        batched_lbfgs(lambda x: (x ** 2).sum(1), torch.ones(2, 3, dtype=torch.float64), cancel=token)
+
+
+# ------------------------------------------------------------------------------ parametrisation
+def test_parametrizations_round_trip_and_perturb_in_fixed_space():
+    center = torch.tensor([10.0, -20.0, 5.0], dtype=torch.float64)
+    pose = _rigid((7, -12, 20), (3, -4, 9), [0.0, 0.0, 0.0])
+    for p in (RigidParametrization(center, 60.0), AffineParametrization(center, 60.0)):
+        x = p.initial(pose)
+        assert torch.allclose(p.transform(x).homogeneous(), pose.homogeneous(), atol=1e-10)
+    rigid_p = RigidParametrization(center, 60.0)
+    x = rigid_p.initial(pose)
+    angles = torch.tensor([[0.1, -0.2, 0.3]], dtype=torch.float64)
+    shifts = torch.tensor([[5.0, 0.0, -7.0]], dtype=torch.float64)
+    moved = rigid_p.transform(perturbed_poses(rigid_p, x, angles, shifts)).homogeneous()[0]
+    extra = RigidTransform(torch.cat([angles, shifts], 1), center).homogeneous()[0]
+    assert torch.allclose(moved, pose.homogeneous()[0] @ extra, atol=1e-10)
+
+
+def test_random_starts_are_reproducible_and_within_range():
+    center = torch.zeros(3, dtype=torch.float64)
+    p = RigidParametrization(center, 50.0)
+    x0 = p.initial(RigidTransform.identity(center=center))
+    a = random_starts(p, x0, 50, 10.0, 25.0, seed=3)
+    b = random_starts(p, x0, 50, 10.0, 25.0, seed=3)
+    c = random_starts(p, x0, 50, 10.0, 25.0, seed=4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[0], x0[0])
+    params = p.transform(a).parameters
+    assert float(params[:, :3].abs().max()) <= math.radians(10.0) + 1e-9
+    assert float(params[:, 3:].abs().max()) <= 25.0 + 1e-9
+    assert float(params[:, 3:].abs().max()) > 20.0  # the range is used, not just the centre
+
+
+# ------------------------------------------------------------------------------------ objective
+def test_objective_gradient_matches_finite_differences(sample_t1, sample_t2):
+    """The analytic gradient (through the resampling of the precomputed maps) against central
+    differences of the objective itself, in float64, for rigid and B-spline coordinates."""
+    pair = disa_features(sample_t1, sample_t2, CPU)
+    pair64 = FeaturePair(FeatureMap(pair.fixed.data.double(), pair.fixed.geometry),
+                         FeatureMap(pair.moving.data.double(), pair.moving.geometry), pair.weight.double(),
+                         "dot", 1)
+    objective = FeatureObjective(pair64, 500)
+    center = torch.as_tensor(sample_t1.geometry.center, dtype=torch.float64)
+    spline = PoseWithBSpline(RigidParametrization(center, 50.0), sample_t1.geometry, control_spacing_mm=60.0)
+    g = torch.Generator().manual_seed(0)
+    x = spline.initial(_rigid((3, -2, 4), (2.3, -1.7, 3.1), center.tolist()))
+    x[:, 6:] = torch.randn(x.shape[1] - 6, generator=g, dtype=torch.float64) * 0.5
+    x.requires_grad_(True)
+    value = objective.value(spline.transform(x))
+    grad, = torch.autograd.grad(value.sum(), x)
+    picks = [0, 1, 2, 3, 4, 5] + torch.randperm(x.shape[1] - 6, generator=g)[:6].add(6).tolist()
+    h = 1e-4
+    for i in picks:
+        step = torch.zeros_like(x)
+        step[0, i] = h
+        with torch.no_grad():
+            numeric = (objective.value(spline.transform(x + step)) - objective.value(spline.transform(x - step))) / (2 * h)
+        assert float(numeric) == pytest.approx(float(grad[0, i]), rel=1e-3, abs=1e-7), i
+
+
+def test_feature_maps_of_the_inputs_are_not_modified(sample_t1, sample_t2):
+    before = (sample_t1.data.clone(), sample_t2.data.clone())
+    mind_features(sample_t1, sample_t2, CPU)
+    disa_features(sample_t1, sample_t2, CPU)
+    assert torch.equal(before[0], sample_t1.data) and torch.equal(before[1], sample_t2.data)
+
+
+# ------------------------------------------------------------------------------ known transforms
+def test_rigid_15mm_10deg_recovered_by_local_search(kirby):
+    """Kirby21 T2 moved by a known 10° / 15 mm rigid transform, registered onto the T1."""
+    t1, t2, points = kirby
+    truth = _rigid((10, -4, 3), (9, -8, 9), t1.geometry.center)  # |t| = 15.1 mm
+    moving = misaligned_copy(t2, truth, margin_mm=20)
+    initial = target_registration_error(RigidTransform.identity(center=t1.geometry.center), truth, points)
+    assert initial["mean_mm"] > 15
+    for method, bound in (("mind-rigid", 1.5), ("disa-rigid", DISA_RIGID_BOUND_MM)):
+        result = _register(method, t1, moving)
+        error = target_registration_error(result.transform, truth, points)
+        assert error["mean_mm"] < bound, (method, error)
+        assert result.figures["evaluations"] > 0
+        sim = result.figures[f"{method.split('-')[0]}_similarity_after"]
+        assert sim > result.figures[f"{method.split('-')[0]}_similarity_before"]
+
+
+def test_affine_with_5_percent_scaling_recovered(kirby):
+    t1, t2, points = kirby
+    rigid = _rigid((6, 3, -5), (-6, 5, 4), t1.geometry.center)
+    scale = torch.diag(torch.tensor([1.05, 0.96, 1.03], dtype=torch.float64))
+    h = rigid.homogeneous()[0]
+    truth = AffineTransform.from_matrix((h[:3, :3] @ scale)[None], rigid.translation, t1.geometry.center)
+    moving = misaligned_copy(t2, truth, margin_mm=20)
+    for method, bound in (("mind-affine", 1.5), ("disa-affine", DISA_AFFINE_BOUND_MM)):
+        result = _register(method, t1, moving)
+        assert result.transform.kind == "linear"
+        error = target_registration_error(result.transform, truth, points)
+        assert error["mean_mm"] < bound, (method, error)
+
+
+def test_global_search_is_deterministic_and_finds_a_distant_pose(kirby):
+    t1, t2, points = kirby
+    truth = _rigid((30, -25, 20), (45, -40, 30), t1.geometry.center)
+    moving = misaligned_copy(t2, truth, margin_mm=80)
+    options = dict(starts=48, range_deg=40.0, range_mm=60.0)
+    first = _register("mind-rigid", t1, moving, "global", **options)
+    second = _register("mind-rigid", t1, moving, "global", **options)
+    assert torch.equal(first.transform.parameters, second.transform.parameters)
+    assert target_registration_error(first.transform, truth, points)["mean_mm"] < 2.0
+    local = _register("mind-rigid", t1, moving)
+    assert target_registration_error(local.transform, truth, points)["mean_mm"] > 2.0  # the global search mattered
+
+
+def _central_crop(volume: Volume, shape) -> Volume:
+    """The central ``shape`` (z, y, x) voxels of ``volume``, with their physical placement."""
+    start = [(n - s) // 2 for n, s in zip(volume.geometry.shape, shape)]
+    data = volume.data[start[0]:start[0] + shape[0], start[1]:start[1] + shape[1], start[2]:start[2] + shape[2]]
+    origin = volume.geometry.index_to_physical_matrix() @ np.array([start[2], start[1], start[0], 1.0])
+    grid = volume.geometry.__class__(shape=tuple(shape), spacing=volume.geometry.spacing, origin=tuple(origin[:3]),
+                                     direction=volume.geometry.direction)
+    return Volume(data.clone(), grid, name=volume.name)
+
+
+def test_lc2_rigid_improves_lc2_and_the_alignment(sample_t1, sample_t2):
+    fixed = _central_crop(sample_t1, (40, 56, 56))  # direct LC² is slow: a crop keeps the test short
+    points = foreground_points(fixed, 1000)
+    truth = _rigid((4, -3, 2), (4, -3, 3), fixed.geometry.center)
+    moving = misaligned_copy(_central_crop(sample_t2, (40, 56, 56)), truth)
+    result = _register("lc2-rigid", fixed, moving, max_evaluations=150)
+    assert result.figures["lc2_similarity_after"] > result.figures["lc2_similarity_before"]
+    before = target_registration_error(RigidTransform.identity(center=fixed.geometry.center), truth, points)
+    after = target_registration_error(result.transform, truth, points)
+    assert after["mean_mm"] < 0.5 * before["mean_mm"]
+    with pytest.raises(InvalidParameterError):
+        _register("lc2-rigid", fixed, moving, "global")
+
+
+# ------------------------------------------------------------------------------------ bad input
+def test_bad_options_and_masks_fail_early(sample_t1, sample_t2):
+    with pytest.raises(InvalidParameterError, match="unknown option"):
+        _register("mind-rigid", sample_t1, sample_t2, strats=10)
+    with pytest.raises(InvalidParameterError):
+        _register("mind-rigid", sample_t1, sample_t2, "sideways")
+    far = Volume(torch.ones(8, 8, 8), sample_t1.geometry.__class__(shape=(8, 8, 8), spacing=(1, 1, 1),
+                                                                   origin=(5000.0, 5000.0, 5000.0)))
+    with pytest.raises(InvalidImageError, match="mask"):
+        get_method("mind-rigid").runner(sample_t1, sample_t2, RegistrationOptions(device="cpu", fixed_mask=far))
+
+
+def test_mask_on_another_grid_is_resampled_and_no_overlap_warns(sample_t1, sample_t2):
+    # a box mask over the middle of the fixed image, on a coarser grid of its own
+    grid = sample_t1.geometry.resampled(5.0)
+    data = torch.zeros(grid.shape)
+    d, h, w = grid.shape
+    data[d // 4:3 * d // 4, h // 4:3 * h // 4, w // 4:3 * w // 4] = 1
+    mask = Volume(data, grid, name="box")
+    result = get_method("mind-rigid").runner(sample_t1, sample_t2, RegistrationOptions(device="cpu", fixed_mask=mask))
+    assert result.figures["feature_points"] > 0
+    shifted = sample_t2.geometry.__class__(shape=sample_t2.geometry.shape, spacing=sample_t2.geometry.spacing,
+                                           origin=tuple(np.asarray(sample_t2.geometry.origin) + 900.0),
+                                           direction=sample_t2.geometry.direction)
+    with pytest.warns(RuntimeWarning, match="do not overlap"):
+        get_method("mind-rigid").runner(sample_t1, Volume(sample_t2.data, shifted, name="far"),
+                                        RegistrationOptions(device="cpu"))
+
+
+def test_written_transform_resamples_in_simpleitk_like_the_warped_output(tmp_path, sample_t1, sample_t2):
+    truth = _rigid((5, 0, -4), (6, -3, 2), sample_t1.geometry.center)
+    moving = misaligned_copy(sample_t2, truth)
+    result = _register("mind-rigid", sample_t1, moving)
+    paths = result.save(tmp_path / "out")
+    tfm = sitk.ReadTransform(str(paths["transform"]))
+    reference = sitk.ReadImage(str(paths["warped"]))
+    oracle = sitk.Resample(moving.to_sitk(), reference, tfm, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    diff = np.abs(sitk.GetArrayFromImage(oracle) - sitk.GetArrayFromImage(reference))
+    assert float(diff.mean()) < 1e-3 * float(np.abs(sitk.GetArrayFromImage(reference)).max())
+
+
+#: what the shipped DISA weights reach on the tests above (see docs/benchmarks.md); the issue's
+#: target is 1.5 mm for both
+DISA_RIGID_BOUND_MM = 1.5
+DISA_AFFINE_BOUND_MM = 1.5
