@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     _device_and_seed(r)
     r.add_argument("--fixed-mask", type=Path)
     r.add_argument("--moving-mask", type=Path)
+    r.add_argument("--starts", type=int, help="global search: number of random starts (default 500)")
+    r.add_argument("--range-deg", type=float,
+                   help="global search: rotations within ±this about each axis (default 40; the paper's brain range is 10)")
+    r.add_argument("--range-mm", type=float,
+                   help="global search: translations within ±this along each axis (default 150; brain: 25)")
 
     f = sub.add_parser("refine", help="refine a deep registration: whole image (iso) or inside a box (rso)")
     f.add_argument("fixed", type=Path)
@@ -169,8 +174,10 @@ def cmd_register(args) -> int:
     masks = {k: read_volume(getattr(args, k)) if getattr(args, k) else None for k in ("fixed_mask", "moving_mask")}
     bar = TqdmProgress(args.method)
     try:
+        extra = {k: getattr(args, k) for k in ("starts", "range_deg", "range_mm") if getattr(args, k) is not None}
         result = info.runner(fixed, moving, RegistrationOptions(search=args.search, device=args.device, seed=args.seed,
-                                                                progress=bar, cancel=CancelToken(), **masks))
+                                                                progress=bar, cancel=CancelToken(), extra=extra,
+                                                                **masks))
     finally:
         bar.close()
     paths = result.save(out, protected=[args.fixed, args.moving])

@@ -21,11 +21,23 @@ from ..transforms.sampling import apply_affine, physical_to_grid_matrix, sample_
 from .features import FeaturePair
 
 
-def _fixed_locations(pair: FeaturePair, max_points: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices into the fixed map of the locations used, and their weights.
+#: fixed points drawn per kept cell of the fixed map, and the seed of their positions
+OVERSAMPLE, POINT_SEED = 2, 0
 
-    With ``max_points`` the heaviest locations are kept (deterministic: a stable sort on weight),
-    which is where the fixed image has structure; the weights of the rest are dropped.
+
+def _fixed_locations(pair: FeaturePair, max_points: int | None, oversample: int = OVERSAMPLE,
+                     seed: int = POINT_SEED) -> torch.Tensor:
+    """Continuous (i, j, k) indices [N, 3] into the fixed map of the compared locations.
+
+    Why not the map's own voxels: the fixed and moving maps share a lattice (same spacing, same
+    axes), so with every point on a lattice node all points have the same fractional offset in the
+    moving map.  A trilinearly interpolated sum is then multilinear in the translation within a
+    cell, and its maximum sits on a cell vertex: the optimum snaps to multiples of the 8 mm DISA
+    grid.  Points jittered uniformly inside their cell have different offsets, so the kinks of the
+    interpolation no longer line up and the objective varies smoothly at sub-cell scale.
+
+    Cells are the map's voxels every ``point_stride`` (weight > 0); with ``max_points`` the
+    heaviest cells are kept (stable sort: deterministic), ``oversample`` points in each.
     """
     weight = pair.weight
     s = pair.point_stride
@@ -33,19 +45,34 @@ def _fixed_locations(pair: FeaturePair, max_points: int | None) -> tuple[torch.T
     keep[::s, ::s, ::s] = True
     keep &= weight > 0
     index = torch.nonzero(keep.reshape(-1)).squeeze(1)
-    w = weight.reshape(-1)[index]
-    if max_points is not None and index.numel() > max_points:
-        order = torch.sort(w, descending=True, stable=True).indices[:max_points]
-        order = torch.sort(order).values  # keep memory order (cache friendly)
-        index, w = index[order], w[order]
-    return index, w
+    if max_points is not None and index.numel() * oversample > max_points:
+        w = weight.reshape(-1)[index]
+        order = torch.sort(w, descending=True, stable=True).indices[:max(1, max_points // oversample)]
+        index = index[torch.sort(order).values]  # keep memory order (cache friendly)
+    d, h, wd = weight.shape
+    k, rem = index // (h * wd), index % (h * wd)
+    j, i = rem // wd, rem % wd
+    cells = torch.stack([i, j, k], 1).double().repeat_interleave(oversample, 0)
+    g = torch.Generator().manual_seed(seed)
+    jitter = (torch.rand(cells.shape, generator=g, dtype=torch.float64) - 0.5) * s
+    upper = torch.tensor([wd - 1, h - 1, d - 1], dtype=torch.float64)
+    return (cells + jitter.to(cells.device)).clamp(min=torch.zeros(3, dtype=torch.float64), max=upper)
+
+
+def _sample_at_indices(data: torch.Tensor, ijk: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples [N, C] of data [C, D, H, W] at continuous indices (i, j, k) inside the grid."""
+    size = torch.tensor([data.shape[3], data.shape[2], data.shape[1]], dtype=torch.float64, device=ijk.device)
+    grid = (2 * ijk / (size - 1).clamp_min(1) - 1).to(data.dtype)
+    out = torch.nn.functional.grid_sample(data[None], grid.reshape(1, -1, 1, 1, 3), mode="bilinear",
+                                          padding_mode="border", align_corners=True)
+    return out.reshape(data.shape[0], -1).T.contiguous()
 
 
 class FeatureObjective:
     """Similarity of a batch of transforms (fixed → moving) under one :class:`FeaturePair`.
 
     ``value(transform)`` returns [B] (higher is better), differentiable with respect to the
-    transform's tensors.  ``max_points`` bounds the number of fixed locations (the heaviest ones).
+    transform's tensors.  ``max_points`` bounds the number of fixed locations (in the heaviest cells).
     """
 
     def __init__(self, pair: FeaturePair, max_points: int | None = None):
@@ -53,20 +80,16 @@ class FeatureObjective:
             raise InvalidParameterError(f"unknown feature comparison {pair.comparison!r}")
         self.pair = pair
         device = pair.fixed.data.device
-        index, w = _fixed_locations(pair, max_points)
-        if index.numel() == 0:
+        ijk = _fixed_locations(pair, max_points).to(device)
+        if ijk.shape[0] == 0:
             raise InvalidParameterError("no fixed location carries weight; nothing to register")
-        grid = pair.fixed.geometry
-        d, h, wd = grid.shape
-        k, rem = index // (h * wd), index % (h * wd)
-        j, i = rem // wd, rem % wd
-        ijk = torch.stack([i, j, k], 1).double()
-        m = torch.as_tensor(grid.index_to_physical_matrix(), dtype=torch.float64, device=device)
+        m = torch.as_tensor(pair.fixed.geometry.index_to_physical_matrix(), dtype=torch.float64, device=device)
         #: [N, 3] physical points (float64: the transforms are float64)
         self.points = ijk @ m[:3, :3].T + m[:3, 3]
-        self.weights = (w / w.sum()).to(pair.fixed.data.dtype)
+        w = _sample_at_indices(pair.weight[None].to(pair.fixed.data.dtype), ijk)[:, 0].clamp_min(0)
+        self.weights = w / w.sum().clamp_min(1e-30)
         #: [N, C] fixed features at the points
-        self.fixed_features = pair.fixed.data.reshape(pair.channels, -1)[:, index].T.contiguous()
+        self.fixed_features = _sample_at_indices(pair.fixed.data, ijk)
         self.moving = pair.moving.data
         self._to_grid = torch.as_tensor(physical_to_grid_matrix(pair.moving.geometry), dtype=torch.float64,
                                         device=device)
