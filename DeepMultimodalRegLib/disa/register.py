@@ -162,10 +162,21 @@ def _register(kind: str, mode: str, fixed: Volume, moving: Volume, options: Regi
         "evaluations": evaluations, "search": settings.search, "features": pair.name,
         "feature_points": fine.point_count, "seed": options.seed,
     }
+    if mode == "deformable":
+        figures.update(_folding(transform, fixed))
     if settings.search == "global":
         figures.update(starts=settings.starts, range_deg=settings.range_deg, range_mm=settings.range_mm)
     return RegistrationResult(method, transform, warped, fixed, moving, figures=figures, history=history,
                               device=describe_device(device), seconds=time.perf_counter() - start)
+
+
+def _folding(transform, fixed: Volume) -> dict:
+    """Jacobian determinant of the final map on the fixed image's box at 2 mm: folding in percent."""
+    from ..transforms.jacobian import folding_fraction, jacobian_determinant
+
+    det = jacobian_determinant(transform, fixed.geometry.resampled(2.0))
+    return {"folding_percent": 100.0 * folding_fraction(det), "jacobian_min": float(det.data.min()),
+            "jacobian_max": float(det.data.max())}
 
 
 def _deformable(pair: FeaturePair, pose: LinearTransform, fixed: Volume, extra: dict, local: SearchSettings,
