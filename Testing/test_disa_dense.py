@@ -26,7 +26,7 @@ from DeepMultimodalRegLib.transforms import (AffineTransform, CompositeTransform
                                              folding_fraction, jacobian_determinant, resample_tensor,
                                              warp_volume)
 
-from conftest import shared_scan  # noqa: E402  (the Testing folder is on the path, as in test_cli)
+from conftest import shared_scan  # the Testing folder is on the path (as test_cli imports it)
 
 # the evaluated chest crop (x, y, z voxel ranges of the 0.70 × 0.70 × 2.5 mm scan: 162 × 141 × 125 mm)
 CHEST_CROP = (slice(150, 380), slice(170, 370), slice(50, 100))
@@ -210,7 +210,7 @@ def test_gradient_refinement_runs_and_keeps_the_answer():
     shift = torch.tensor([2.0, -3.0, 4.0], dtype=torch.float64)
     pose = RigidTransform.identity(1)
     pair = _shifted_pair("ssd", shift, pose)
-    field = dense_displacement(pair, pose, DenseSettings(search_radius_mm=6.0, patch_sigma_mm=0.0, gradient_steps=5))
+    field = dense_displacement(pair, pose, DenseSettings(search_radius_mm=6.0, patch_sigma_mm=0.0, gradient_steps=3))
     u = field.field[0].permute(1, 2, 3, 0)[1:-1, 1:-1, 1:-1].reshape(-1, 3).double()
     assert torch.isfinite(u).all()
     assert float(torch.linalg.norm(u - shift, dim=1).median()) < 0.7
@@ -234,8 +234,11 @@ def test_synthesize_contrast_is_a_deterministic_new_contrast(pelvis_slab):
     assert not torch.allclose(a.data, c.data)
     r = float(torch.corrcoef(torch.stack([ct.data.reshape(-1), a.data.reshape(-1)]))[0, 1])
     assert abs(r) < 0.9, f"correlation with the CT {r:.2f}: not a different contrast"
-    # labelled organs get their own intensities: the label means differ from a monotone map of the CT's
     assert torch.isfinite(a.data).all()
+    # no monotone map relates the two either: the rank correlation is far from ±1 too
+    ranks = [torch.argsort(torch.argsort(v.reshape(-1))).double() for v in (ct.data, a.data)]
+    rho = float(torch.corrcoef(torch.stack(ranks))[0, 1])
+    assert abs(rho) < 0.9, f"rank correlation {rho:.2f}"
 
 
 def test_synthesize_contrast_rejects_bad_input(pelvis_slab):
@@ -270,8 +273,9 @@ def test_smooth_random_deformation_has_the_requested_amplitude(pelvis_slab):
     assert float(det.min()) > 0.5
     zero = smooth_random_deformation(ct.geometry, 0.0, 60.0, seed=11)
     assert float(zero.field.abs().max()) == 0.0
+    small = ImageGeometry(shape=(12, 12, 12), spacing=(3.0, 3.0, 3.0))
     with pytest.raises(InvalidParameterError):
-        smooth_random_deformation(ct.geometry, 60.0, 20.0, seed=11)  # would fold
+        smooth_random_deformation(small, 30.0, 20.0, seed=11)  # 1.5 × the spacing: folds
     with pytest.raises(InvalidParameterError):
         smooth_random_deformation(ct.geometry, 5.0, 0.0, seed=11)
 
@@ -282,4 +286,6 @@ def test_invert_displacement_undoes_the_field(pelvis_slab):
     inverse = invert_displacement(d)
     points = foreground_points(ct, count=500, seed=1, threshold=-300.0)
     back = d.transform_points(inverse.transform_points(points)[0])[0]
-    assert float(torch.linalg.norm(back - points, dim=-1).max()) < 0.05
+    miss = torch.linalg.norm(back - points, dim=-1)
+    # exact at the grid nodes; between them, trilinear interpolation of the inverse costs < 0.1 mm
+    assert float(miss.max()) < 0.1 and float(miss.mean()) < 0.03
