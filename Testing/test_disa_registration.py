@@ -258,3 +258,19 @@ def test_written_transform_resamples_in_simpleitk_like_the_warped_output(tmp_pat
 #: trained weights ship.
 DISA_RIGID_BOUND_MM = 7.5
 DISA_AFFINE_BOUND_MM = 7.5
+
+
+def test_a_search_larger_than_the_memory_budget_runs_in_chunks_with_the_same_result(sample_t1, sample_t2):
+    """Starts are independent, so splitting them into memory-sized chunks must not change anything."""
+    from DeepMultimodalRegLib.disa.search import SearchSettings, search_pose
+
+    pair = disa_features(sample_t1, sample_t2, CPU)
+    center = torch.as_tensor(sample_t1.geometry.center, dtype=torch.float64)
+    p = RigidParametrization(center, 50.0)
+    x0 = p.initial(RigidTransform.identity(center=center))
+    common = dict(search="global", starts=12, range_deg=10.0, range_mm=20.0, coarse_iterations=5,
+                  fine_iterations=5, keep=2, fine_points=2000, coarse_points=500)
+    whole = search_pose(pair, p, x0, SearchSettings(**common), seed=1)
+    chunked = search_pose(pair, p, x0, SearchSettings(**common, memory_budget_bytes=1), seed=1)  # one start a chunk
+    assert torch.allclose(whole.x, chunked.x, atol=1e-6)
+    assert whole.evaluations == chunked.evaluations
