@@ -4,7 +4,6 @@ and accuracy against known transforms applied to real co-registered scans."""
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest

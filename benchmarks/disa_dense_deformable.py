@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from DeepMultimodalRegLib.evaluation import target_registration_error
-from DeepMultimodalRegLib.image.volume import Volume
 from DeepMultimodalRegLib.methods.registry import RegistrationOptions, get_method
 from DeepMultimodalRegLib.synthetic import invert_displacement, smooth_random_deformation
 from DeepMultimodalRegLib.transforms.linear import RigidTransform

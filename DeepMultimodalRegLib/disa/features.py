@@ -27,7 +27,6 @@ from ..image.volume import Volume
 from ..metrics.local_stats import local_variance
 from ..metrics.mind import mind_ssc
 from ..networks.disa_net import OUTPUT_STRIDE, compute_descriptors, load_disa_network
-from ..transforms.base import Transform
 from ..transforms.linear import AffineTransform
 from ..transforms.resample import resample_tensor
 from .preprocess import DISA_SPACING_MM, prepare_for_disa

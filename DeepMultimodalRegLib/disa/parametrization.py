@@ -8,6 +8,7 @@ the centre of rotation.  A unit change of any coordinate then moves those points
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -19,18 +20,19 @@ from ..transforms.composite import CompositeTransform
 from ..transforms.linear import AffineTransform, LinearTransform, RigidTransform
 
 
-class Parametrization:
+class Parametrization(abc.ABC):
     """Base: ``size`` coordinates; ``transform(x)``; ``initial(pose)`` maps a linear pose to x."""
 
     size: int = 0
     pose_size: int = 0
 
+    @abc.abstractmethod
     def transform(self, x: torch.Tensor) -> Transform:
-        raise NotImplementedError
+        """The batch of transforms of coordinates x [B, P]."""
 
+    @abc.abstractmethod
     def initial(self, pose: LinearTransform) -> torch.Tensor:
         """Coordinates [n, P] of a batch of n linear poses (any deformation part zero)."""
-        raise NotImplementedError
 
     @property
     def pose_parametrization(self) -> "Parametrization":
