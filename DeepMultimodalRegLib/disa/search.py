@@ -28,7 +28,8 @@ from .optimize import BatchedResult, batched_lbfgs
 from .parametrization import Parametrization, perturbed_poses
 
 #: bytes a start may use per fixed location and feature channel during a batched evaluation with
-#: its backward pass (sampled values, gradients, grid coordinates; measured order of magnitude)
+#: its backward pass (sampled values, gradients, grid coordinates): an estimate with headroom, not a
+#: measurement; lower ``memory_budget_bytes`` if a device still runs out
 BYTES_PER_SAMPLE = 48
 
 
