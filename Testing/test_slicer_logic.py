@@ -1,0 +1,151 @@
+"""The module's Logic end to end on real MRML: nodes in, registration, nodes out; cancel; failures."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "DeepMultimodalReg"))
+slicer = pytest.importorskip("slicer", reason="slicer-core provides MRML")
+
+from DeepMultimodalRegLib.evaluation import misaligned_copy  # noqa: E402
+from DeepMultimodalRegLib.transforms.linear import RigidTransform  # noqa: E402
+from DeepMultimodalRegMRML import parameters as P  # noqa: E402
+from DeepMultimodalRegMRML.coordinates import array_from_vtk_matrix, lps_from_ras_points  # noqa: E402
+from DeepMultimodalRegMRML.jobs import CANCELLED, FAILED, SUCCEEDED  # noqa: E402
+from DeepMultimodalRegMRML.logic import RegistrationLogic  # noqa: E402
+from DeepMultimodalRegMRML.transform_nodes import transform_points_ras  # noqa: E402
+from DeepMultimodalRegMRML.volumes import node_from_volume  # noqa: E402
+
+
+@pytest.fixture()
+def scene():
+    s = slicer.vtkMRMLScene()
+    colours = slicer.vtkMRMLColorLogic()
+    colours.SetMRMLScene(s)
+    yield s
+    colours.SetMRMLScene(None)
+    s.Clear(1)
+
+
+@pytest.fixture(scope="module")
+def misaligned_pair(sample_t1, sample_t2):
+    truth = RigidTransform(torch.tensor([[math.radians(5), 0, math.radians(-4), 6.0, -3.0, 2.0]],
+                                        dtype=torch.float64), torch.as_tensor(sample_t1.geometry.center))
+    return sample_t1, misaligned_copy(sample_t2, truth), truth
+
+
+def _snapshot(node):
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return slicer.util.arrayFromVolume(node).copy(), array_from_vtk_matrix(matrix), node.GetMTime()
+
+
+def test_rigid_registration_from_nodes_to_nodes(scene, misaligned_pair):
+    fixed, moving, truth = misaligned_pair
+    fixed_node = node_from_volume(scene, fixed, name="T1")
+    moving_node = node_from_volume(scene, moving, name="T2 moved")
+    fixed_before, moving_before = _snapshot(fixed_node), _snapshot(moving_node)
+
+    logic = RegistrationLogic(scene)
+    outputs = logic.register(fixed_node, moving_node, method="mind-rigid", settings={"Device": "cpu"})
+
+    # the transform node maps fixed points where the known motion puts them
+    assert outputs.transform_node.IsA("vtkMRMLLinearTransformNode")
+    inside = fixed.geometry.center + np.random.default_rng(0).uniform(-30, 30, size=(20, 3))
+    ras = lps_from_ras_points(inside)
+    expected = lps_from_ras_points(truth.transform_points(torch.as_tensor(inside))[0].numpy())
+    assert np.linalg.norm(transform_points_ras(outputs.transform_node, ras) - expected, axis=1).max() < 2.0
+
+    # inputs unchanged (voxels, geometry); the moving node is placed under the result for review
+    for node, before in ((fixed_node, fixed_before), (moving_node, moving_before)):
+        now = _snapshot(node)
+        assert np.array_equal(now[0], before[0]) and np.array_equal(now[1], before[1])
+    assert moving_node.GetParentTransformNode() is outputs.transform_node
+    assert fixed_node.GetParentTransformNode() is None
+
+    # warped volume on the fixed grid, review maps with colour tables, all recorded in the parameter node
+    assert outputs.warped_node.GetImageData().GetDimensions() == fixed_node.GetImageData().GetDimensions()
+    parameter_node = logic.parameter_node()
+    assert parameter_node.GetNodeReference(P.OUTPUT_TRANSFORM) is outputs.transform_node
+    assert parameter_node.GetNodeReference(P.OUTPUT_VOLUME) is outputs.warped_node
+    similarity = parameter_node.GetNodeReference(P.SIMILARITY_MAP)
+    assert similarity is not None and similarity.GetDisplayNode().GetColorNodeID()
+    values = slicer.util.arrayFromVolume(similarity)
+    assert 0.0 <= values.min() and values.max() <= 1.0 and values.mean() > 0.05
+    assert parameter_node.GetNodeReference(P.JACOBIAN_MAP) is None  # rigid: no Jacobian map
+    assert "mind-rigid" in outputs.summary
+
+
+def test_second_run_reuses_the_output_nodes(scene, misaligned_pair):
+    fixed, moving, _ = misaligned_pair
+    fixed_node = node_from_volume(scene, fixed, name="T1")
+    moving_node = node_from_volume(scene, moving, name="T2")
+    logic = RegistrationLogic(scene)
+    first = logic.register(fixed_node, moving_node, method="mind-rigid",
+                           settings={"Device": "cpu", "ComputeMaps": False})
+    count = scene.GetNumberOfNodes()
+    second = logic.register(fixed_node, moving_node, method="mind-rigid",
+                            settings={"Device": "cpu", "ComputeMaps": False},
+                            output_transform_node=first.transform_node, output_volume_node=first.warped_node)
+    assert second.transform_node is first.transform_node and second.warped_node is first.warped_node
+    assert scene.GetNumberOfNodes() == count
+
+
+def test_cancel_leaves_the_scene_as_it_was(scene, misaligned_pair):
+    fixed, moving, _ = misaligned_pair
+    fixed_node = node_from_volume(scene, fixed, name="T1")
+    moving_node = node_from_volume(scene, moving, name="T2")
+    logic = RegistrationLogic(scene)
+    nodes_before = scene.GetNumberOfNodes()
+    done = []
+    job = logic.start_registration(fixed_node, moving_node, method="mind-rigid", on_done=done.append,
+                                   settings={"Device": "cpu", "Search": "global", "Starts": 64})
+    job.cancel()
+    assert job.wait(timeout=120) == CANCELLED
+    assert scene.GetNumberOfNodes() == nodes_before and not done
+    assert moving_node.GetParentTransformNode() is None
+
+
+def test_background_registration_applies_on_poll_and_failures_are_handed_back(scene, misaligned_pair):
+    fixed, moving, _ = misaligned_pair
+    fixed_node = node_from_volume(scene, fixed, name="T1")
+    moving_node = node_from_volume(scene, moving, name="T2")
+    logic = RegistrationLogic(scene)
+    done = []
+    job = logic.start_registration(fixed_node, moving_node, method="mind-rigid", on_done=done.append,
+                                   settings={"Device": "cpu", "ComputeMaps": False})
+    assert job.wait(timeout=300) == SUCCEEDED and len(done) == 1
+    assert done[0].transform_node.GetScene() is scene
+
+    failures = []
+    mask = node_from_volume(scene, fixed.with_data(torch.zeros_like(fixed.data)), name="empty mask")
+    job = logic.start_registration(fixed_node, moving_node, method="mind-rigid", on_failure=failures.append,
+                                   fixed_mask_node=mask, settings={"Device": "cpu"})
+    assert job.wait(timeout=120) == FAILED and len(failures) == 1
+    assert "mask" in str(failures[0]).lower()
+
+
+def test_bad_requests_fail_before_any_work(scene, sample_t1):
+    from DeepMultimodalRegLib.errors import DeepMMRegError, NotAvailableError
+
+    node = node_from_volume(scene, sample_t1, name="T1")
+    logic = RegistrationLogic(scene)
+    with pytest.raises(DeepMMRegError, match="same node"):
+        logic.register(node, node)
+    with pytest.raises(DeepMMRegError, match="both"):
+        logic.register(node, None)
+    with pytest.raises(DeepMMRegError, match="unknown method"):
+        logic.register(node, node_from_volume(scene, sample_t1, name="copy"), method="elastix")
+    with pytest.raises(DeepMMRegError, match="search"):
+        logic.register(node, node_from_volume(scene, sample_t1, name="copy"), settings={"Search": "sideways"})
+    with pytest.raises(NotAvailableError):
+        logic.register(node, node_from_volume(scene, sample_t1, name="copy"), method="msode-rigid")
