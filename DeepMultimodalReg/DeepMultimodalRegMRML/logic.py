@@ -133,7 +133,8 @@ class RegistrationLogic:
         if request.method == "deep":
             from DeepMultimodalRegLib.rso import DeepRegistrationSession
 
-            session = DeepRegistrationSession(request.fixed, request.moving, device=options.device, seed=options.seed)
+            session = DeepRegistrationSession(request.fixed, request.moving, device=options.device, seed=options.seed,
+                                              weights=request.settings["DeepWeights"] or None)
             iso_iterations = request.settings["IsoIterations"]
             result = session.general(progress=progress if not iso_iterations else None, cancel=options.cancel)
             if iso_iterations:

@@ -40,6 +40,7 @@ SETTINGS = {s.name: s for s in [
     Setting("AutoRefine", bool, True, (), "start a refinement when the ROI's handles are released"),
     Setting("ShowMovingUnderTransform", bool, True, (), "place the moving volume under the result for review"),
     Setting("ComputeMaps", bool, True, (), "add review maps: local similarity, Jacobian determinant, displacement"),
+    Setting("DeepWeights", str, "", (), "weights file of the general deep model (empty: the shipped network)"),
     Setting("GeometryFile", str, "", (), "C-arm geometry JSON for 2D/3D registration"),
 ]}
 
