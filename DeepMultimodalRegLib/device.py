@@ -90,3 +90,31 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _nvidia_gpu_present() -> bool:
+    """True when the operating system shows an NVIDIA GPU (whatever torch thinks of it)."""
+    return os.path.isdir("/proc/driver/nvidia/gpus") and bool(os.listdir("/proc/driver/nvidia/gpus")) \
+        or os.path.exists("/dev/nvidia0")
+
+
+def device_report() -> tuple[str, str]:
+    """(summary, explanation) of what ``auto`` will use, for a status line a clinician can act on.
+
+    A GPU that the system has but torch cannot use is explained rather than silently ignored:
+    a CPU-only torch build, or a driver too old for torch's CUDA version."""
+    if torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        free, total = torch.cuda.mem_get_info(index)
+        return (f"GPU: {props.name}, {total / 1024 ** 3:.1f} GiB ({free / 1024 ** 3:.1f} GiB free)",
+                "auto uses this GPU")
+    cpu = f"CPU ({torch.get_num_threads()} threads)"
+    if not _nvidia_gpu_present():
+        return cpu, "no CUDA GPU found: everything runs on the CPU (slower, same results)"
+    if torch.version.cuda is None:
+        return cpu, (f"an NVIDIA GPU is present but this PyTorch ({torch.__version__}) is a CPU-only build; "
+                     "install a CUDA build (in Slicer: the PyTorch extension picks the one matching your driver)")
+    return cpu, (f"an NVIDIA GPU is present but PyTorch (CUDA {torch.version.cuda}) cannot use it: the NVIDIA driver "
+                 "is probably older than this CUDA version needs; update the driver or install a PyTorch build "
+                 "for an older CUDA")

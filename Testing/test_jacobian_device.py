@@ -72,3 +72,19 @@ def test_seeding_is_deterministic():
     b = torch.rand(5, generator=seed_everything(42))
     c = torch.rand(5, generator=seed_everything(43))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_device_report_explains_an_unusable_gpu(monkeypatch):
+    import torch
+
+    from DeepMultimodalRegLib import device as D
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(D, "_nvidia_gpu_present", lambda: False)
+    summary, why = D.device_report()
+    assert summary.startswith("CPU") and "no CUDA GPU" in why
+    monkeypatch.setattr(D, "_nvidia_gpu_present", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "CPU-only build" in D.device_report()[1]
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    assert "driver" in D.device_report()[1]
