@@ -27,7 +27,7 @@ from DeepMultimodalRegMRML.logic import RegistrationLogic  # noqa: E402
 from DeepMultimodalRegMRML.refinement import END_INTERACTION, RoiRefinement, worst_similarity_center  # noqa: E402
 from DeepMultimodalRegMRML.volumes import node_from_volume  # noqa: E402
 
-SETTINGS = {"Device": "cpu", "IsoIterations": 2, "RsoIterations": 6, "ComputeMaps": False,
+SETTINGS = {"Device": "cpu", "IsoIterations": 2, "RsoIterations": 6, "ComputeMaps": True,
             "DeepWeights": "untrained", "ShowMovingUnderTransform": True}
 
 
@@ -72,6 +72,8 @@ def test_releasing_the_roi_refines_inside_the_box_more_than_outside(refined_scen
     roi = refinement.place_roi(center_ras=lps_from_ras_points(center_lps), size_mm=(45.0, 45.0, 36.0))
     assert logic.parameter_node().GetNodeReference(P.REFINEMENT_ROI) is roi
     before = _node_field(logic)
+    jacobian_node = logic.parameter_node().GetNodeReference(P.JACOBIAN_MAP)
+    jacobian_before = slicer.util.arrayFromVolume(jacobian_node).copy()
 
     roi.InvokeEvent(END_INTERACTION)  # what Slicer fires when the user releases a handle
     assert refinement.job is not None
@@ -85,6 +87,9 @@ def test_releasing_the_roi_refines_inside_the_box_more_than_outside(refined_scen
     assert change[inside].mean() > 0.0
     assert change[inside].mean() > 2 * change[far].mean()
     assert len(refinement.review_boxes) == 1 and refinement.review_boxes[0].GetLocked()
+    # the review maps follow the refined result, in the same nodes
+    assert logic.parameter_node().GetNodeReference(P.JACOBIAN_MAP) is jacobian_node
+    assert not np.array_equal(slicer.util.arrayFromVolume(jacobian_node), jacobian_before)
     assert len(refinement.history()) == 3  # general, iso, rso
     assert np.array_equal(slicer.util.arrayFromVolume(fixed_node), fixed_voxels)
     assert np.array_equal(slicer.util.arrayFromVolume(moving_node), moving_voxels)

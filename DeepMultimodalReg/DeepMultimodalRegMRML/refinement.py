@@ -23,6 +23,8 @@ from DeepMultimodalRegLib.region import Box
 from . import parameters as P
 from .coordinates import lps_from_ras_points
 from .jobs import RUNNING, BackgroundJob
+from .logic import MAP_ROLES
+from .maps import compute_review_maps, show_map
 from .roi import box_from_roi, default_roi_size, roi_from_box
 from .transform_nodes import set_transform_node
 from .volumes import node_from_volume
@@ -132,21 +134,32 @@ class RoiRefinement:
         session = self.session
 
         def work(progress, cancel):
-            return session.rso(box, count, crop=settings["RsoCrop"], progress=progress, cancel=cancel)
+            result = session.rso(box, count, crop=settings["RsoCrop"], progress=progress, cancel=cancel)
+            return result, self._maps(result, settings)
 
         return self._start(work, box, "rso")
 
     def iso(self, iterations: Optional[int] = None) -> BackgroundJob:
         """Start a whole-image refinement (image-specific optimisation)."""
-        count = iterations or self._settings()["IsoIterations"]
+        settings = self._settings()
+        count = iterations or settings["IsoIterations"]
         session = self.session
-        return self._start(lambda progress, cancel: session.iso(count, progress=progress, cancel=cancel), None, "iso")
+
+        def work(progress, cancel):
+            result = session.iso(count, progress=progress, cancel=cancel)
+            return result, self._maps(result, settings)
+
+        return self._start(work, None, "iso")
+
+    @staticmethod
+    def _maps(result, settings) -> dict:
+        return compute_review_maps(result) if settings["ComputeMaps"] else {}
 
     def _start(self, work, box: Optional[Box], kind: str) -> BackgroundJob:
         previous = self.job
         if previous is not None and previous.status == RUNNING:
             previous.cancel()  # the session restores its state; the new step waits for that
-        self.job = BackgroundJob(work, on_success=lambda result: self._apply(result, box),
+        self.job = BackgroundJob(work, on_success=lambda computed: self._apply(*computed, box),
                                  on_failure=self._failed, name=kind, after=previous)
         return self.job
 
@@ -159,8 +172,13 @@ class RoiRefinement:
             listener(error)
 
     # ---------------------------------------------------------------- GUI thread
-    def _apply(self, result, box: Optional[Box]) -> None:
+    def _apply(self, result, maps: dict, box: Optional[Box]) -> None:
         self.show_current()
+        parameter_node = self.logic.parameter_node()
+        for name, volume in maps.items():
+            role = MAP_ROLES[name]
+            node = show_map(self.scene, name, volume, node=parameter_node.GetNodeReference(role))
+            parameter_node.SetNodeReferenceID(role, node.GetID())
         if box is not None:
             review = roi_from_box(self.scene, box, name=f"RSO box {len(self.review_boxes) + 1}",
                                   fixed_node=self._fixed_node())
