@@ -84,6 +84,9 @@ PARAMETER_WIDGETS = {
     "rsoIterationsSpinBox": "QSpinBox",
     "rsoCropCheckBox": "QCheckBox",
     "isoIterationsSpinBox": "QSpinBox",
+    "ctVolumeSelector": "qMRMLNodeComboBox",
+    "xrayVolumeSelector": "qMRMLNodeComboBox",
+    "method2d3dComboBox": "QComboBox",
 }
 
 #: Other widgets the module code uses, and their class.
@@ -103,6 +106,9 @@ ACTION_WIDGETS = {
     "showWarpedButton": "QPushButton",
     "showSimilarityButton": "QPushButton",
     "showJacobianButton": "QPushButton",
+    "geometryPathLineEdit": "ctkPathLineEdit",
+    "register2d3dButton": "QPushButton",
+    "showDrrButton": "QPushButton",
 }
 
 #: How often the GUI looks at a running job (progress bar, result) in milliseconds.
@@ -219,6 +225,10 @@ class DeepMultimodalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.showWarpedButton.connect("clicked(bool)", lambda: self.onShow("OutputVolume"))
         self.ui.showSimilarityButton.connect("clicked(bool)", lambda: self.onShow("SimilarityMap"))
         self.ui.showJacobianButton.connect("clicked(bool)", lambda: self.onShow("JacobianMap"))
+        # ctkPathLineEdit is not among slicer.util's parameter-bound widget classes: bound here
+        self.ui.geometryPathLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
+        self.ui.register2d3dButton.connect("clicked(bool)", self.onRegister2D3DButton)
+        self.ui.showDrrButton.connect("clicked(bool)", self.onShowDrr)
         self.ui.progressBar.setValue(0)
 
         self._pollTimer = qt.QTimer()
@@ -276,6 +286,7 @@ class DeepMultimodalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._updatingGUIFromParameterNode = True
         try:
             slicer.util.updateParameterEditWidgetsFromNode(self._parameterEditWidgets, self._parameterNode)
+            self.ui.geometryPathLineEdit.currentPath = self._parameterNode.GetParameter("GeometryFile")
             self._updateButtonStates()
         finally:
             self._updatingGUIFromParameterNode = False
@@ -286,6 +297,7 @@ class DeepMultimodalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         wasModified = self._parameterNode.StartModify()
         try:
             slicer.util.updateNodeFromParameterEditWidgets(self._parameterEditWidgets, self._parameterNode)
+            self._parameterNode.SetParameter("GeometryFile", self.ui.geometryPathLineEdit.currentPath)
         finally:
             self._parameterNode.EndModify(wasModified)
         roi = self._parameterNode.GetNodeReference("RefinementROI")
@@ -310,6 +322,10 @@ class DeepMultimodalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.showSimilarityButton.enabled = node.GetNodeReference("SimilarityMap") is not None
         self.ui.showJacobianButton.enabled = node.GetNodeReference("JacobianMap") is not None
         self.ui.showWarpedButton.enabled = node.GetNodeReference("OutputVolume") is not None
+        self.ui.register2d3dButton.enabled = not busy and bool(
+            node.GetNodeReference("CTVolume") and node.GetNodeReference("XRayVolume") and node.GetParameter("GeometryFile")
+        )
+        self.ui.showDrrButton.enabled = node.GetNodeReference("DRRVolume") is not None
 
     def _showDeviceInfo(self) -> None:
         if self.logic.missingDependencies():
@@ -330,6 +346,23 @@ class DeepMultimodalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             return
         with slicer.util.tryWithErrorDisplay(_("Registration could not start."), waitCursor=True):
             self._watch(self.logic.startRegistrationFromParameterNode(onDone=self._onRegistrationDone))
+
+    def onRegister2D3DButton(self) -> None:
+        if not self.logic.ensureDependencies():
+            return
+        with slicer.util.tryWithErrorDisplay(_("2D/3D registration could not start."), waitCursor=True):
+            self._watch(self.logic.start2D3DFromParameterNode(onDone=self._on2D3DDone))
+
+    def _on2D3DDone(self, outputs) -> None:
+        self._parameterNode.SetNodeReferenceID("DRRVolume", outputs.drr_node.GetID())
+        self._parameterNode.SetNodeReferenceID("PoseTransform", outputs.transform_node.GetID())
+        self.ui.statusLabel.text = outputs.summary
+
+    def onShowDrr(self) -> None:
+        xray = self._parameterNode.GetNodeReference("XRayVolume")
+        drr = self._parameterNode.GetNodeReference("DRRVolume")
+        if xray is not None and drr is not None:
+            slicer.util.setSliceViewerLayers(background=xray, foreground=drr, foregroundOpacity=0.5, fit=True)
 
     def onRefineButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Refinement could not start."), waitCursor=True):
@@ -481,6 +514,24 @@ class DeepMultimodalRegLogic(ScriptedLoadableModuleLogic):
             output_volume_node=node.GetNodeReference("OutputVolume"),
             fixed_mask_node=node.GetNodeReference("FixedMask"),
             moving_mask_node=node.GetNodeReference("MovingMask"),
+            on_done=onDone,
+        )
+
+    def start2D3DFromParameterNode(self, onDone=None):
+        """CT-to-X-ray registration off the GUI thread, settings and nodes from the parameter node."""
+        _ = self.bridge  # imports the library and creates the bridge
+        logic2d3d = importlib.import_module(BRIDGE_PACKAGE + ".logic2d3d")
+        parameters = importlib.import_module(BRIDGE_PACKAGE + ".parameters")
+        node = self.getParameterNode()
+        settings = parameters.settings(node)
+        return logic2d3d.start_2d3d(
+            slicer.mrmlScene,
+            node.GetNodeReference("CTVolume"),
+            node.GetNodeReference("XRayVolume"),
+            settings["GeometryFile"],
+            method=settings["Method2D3D"],
+            device=settings["Device"],
+            seed=settings["Seed"],
             on_done=onDone,
         )
 

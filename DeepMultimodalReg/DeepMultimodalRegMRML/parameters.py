@@ -13,6 +13,7 @@ from typing import Any
 
 from DeepMultimodalRegLib.errors import InvalidParameterError
 from DeepMultimodalRegLib.methods import METHODS
+from DeepMultimodalRegLib.sopi.register import METHODS_2D3D
 
 MODULE_NAME = "DeepMultimodalReg"
 
@@ -42,6 +43,8 @@ SETTINGS = {s.name: s for s in [
     Setting("ComputeMaps", bool, True, (), "add review maps: local similarity, Jacobian determinant, displacement"),
     Setting("DeepWeights", str, "", (), "weights file of the general deep model (empty: the shipped network)"),
     Setting("GeometryFile", str, "", (), "C-arm geometry JSON for 2D/3D registration"),
+    Setting("Method2D3D", str, "opt-gc", tuple(METHODS_2D3D),
+            "2D/3D registration method (as `deepmmreg register2d3d --method` spells it)"),
 ]}
 
 #: Node-reference roles.
@@ -55,8 +58,13 @@ REFINEMENT_ROI = "RefinementROI"
 SIMILARITY_MAP = "SimilarityMap"
 JACOBIAN_MAP = "JacobianMap"
 DISPLACEMENT_MAP = "DisplacementMap"
+CT_VOLUME = "CTVolume"
+XRAY_VOLUME = "XRayVolume"
+DRR_VOLUME = "DRRVolume"
+POSE_TRANSFORM = "PoseTransform"
 REFERENCE_ROLES = (FIXED_VOLUME, MOVING_VOLUME, FIXED_MASK, MOVING_MASK, OUTPUT_TRANSFORM, OUTPUT_VOLUME,
-                   REFINEMENT_ROI, SIMILARITY_MAP, JACOBIAN_MAP, DISPLACEMENT_MAP)
+                   REFINEMENT_ROI, SIMILARITY_MAP, JACOBIAN_MAP, DISPLACEMENT_MAP, CT_VOLUME, XRAY_VOLUME, DRR_VOLUME,
+                   POSE_TRANSFORM)
 
 
 def find_or_create_parameter_node(scene, module_name: str = MODULE_NAME):
