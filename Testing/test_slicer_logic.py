@@ -149,3 +149,23 @@ def test_bad_requests_fail_before_any_work(scene, sample_t1):
         logic.register(node, node_from_volume(scene, sample_t1, name="copy"), settings={"Search": "sideways"})
     with pytest.raises(NotAvailableError):
         logic.register(node, node_from_volume(scene, sample_t1, name="copy"), method="msode-rigid")
+
+
+def test_disa_result_gets_a_local_disa_map_that_agrees_with_local_lc2(scene, misaligned_pair):
+    from DeepMultimodalRegLib.transforms.linear import AffineTransform
+    from DeepMultimodalRegLib.transforms.resample import warp_volume
+    from DeepMultimodalRegMRML.volumes import volume_from_node
+
+    fixed, moving, _ = misaligned_pair
+    logic = RegistrationLogic(scene)
+    logic.register(node_from_volume(scene, fixed, name="T1"), node_from_volume(scene, moving, name="T2"),
+                   method="disa-rigid", settings={"Device": "cpu"})
+    node = logic.parameter_node()
+    disa = volume_from_node(node.GetNodeReference(P.DISA_MAP))
+    lc2 = volume_from_node(node.GetNodeReference(P.SIMILARITY_MAP))
+    assert disa.geometry.spacing[0] == pytest.approx(8.0)  # the descriptor grid
+    lc2_on_disa = warp_volume(lc2, AffineTransform.identity(), disa.geometry).data.flatten().numpy()
+    values = disa.data.flatten().numpy()
+    keep = lc2_on_disa > 0  # inside the LC² map's field of view
+    assert keep.sum() > 50
+    assert np.corrcoef(values[keep], lc2_on_disa[keep])[0, 1] > 0.2

@@ -34,7 +34,8 @@ from .maps import compute_review_maps, show_map
 from .transform_nodes import set_transform_node
 from .volumes import node_from_volume, optional_volume_from_node, volume_from_node
 
-MAP_ROLES = {"similarity": P.SIMILARITY_MAP, "jacobian": P.JACOBIAN_MAP, "displacement": P.DISPLACEMENT_MAP}
+MAP_ROLES = {"similarity": P.SIMILARITY_MAP, "jacobian": P.JACOBIAN_MAP, "displacement": P.DISPLACEMENT_MAP,
+             "disa": P.DISA_MAP}
 
 
 @dataclass

@@ -7,7 +7,10 @@ at a glance:
 - ``local LC²``: patch LC² (radius 3) of the fixed image explained by the warped moving image —
   the similarity DISA approximates; 0 = no local agreement, 1 = full;
 - ``Jacobian determinant`` (non-linear results): 1 = volume kept, < 1 shrinking, ≤ 0 folding;
-- ``displacement``: |T(x) − x| in mm.
+- ``displacement``: |T(x) − x| in mm;
+- ``disa`` (DISA methods): the dot product of the DISA descriptors of the fixed and the registered
+  moving image at each 8 mm descriptor location — the network's own approximation of LC², so
+  comparing it with ``local LC²`` shows where the learned similarity can be trusted.
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ MAP_DISPLAY = {
     "similarity": (("vtkMRMLColorTableNodeFileViridis.txt", "vtkMRMLColorTableNodeRainbow"), (0.0, 1.0)),
     "jacobian": (("vtkMRMLColorTableNodeFileColdToHotRainbow.txt", "vtkMRMLColorTableNodeRainbow"), (0.0, 2.0)),
     "displacement": (("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTableNodeIron"), None),
+    "disa": (("vtkMRMLColorTableNodeFileViridis.txt", "vtkMRMLColorTableNodeRainbow"), (0.0, 1.0)),
 }
-MAP_TITLES = {"similarity": "local LC2", "jacobian": "Jacobian determinant", "displacement": "displacement (mm)"}
+MAP_TITLES = {"similarity": "local LC2", "jacobian": "Jacobian determinant", "displacement": "displacement (mm)",
+              "disa": "local DISA"}
 
 
 def review_geometry(result: RegistrationResult):
@@ -57,7 +62,22 @@ def compute_review_maps(result: RegistrationResult) -> dict[str, Volume]:
         maps["displacement"] = Volume(field.field[0].norm(dim=0), grid, name="displacement")
         if not result.transform.is_linear:
             maps["jacobian"] = jacobian_determinant(field, grid)
+        if result.method.startswith("disa"):
+            maps["disa"] = disa_similarity_map(result)
     return maps
+
+
+def disa_similarity_map(result: RegistrationResult) -> Volume:
+    """⟨φ(fixed), φ(registered moving)⟩ on the DISA descriptor grid (both images share the fixed grid)."""
+    from DeepMultimodalRegLib.device import resolve_device
+    from DeepMultimodalRegLib.disa.preprocess import DISA_SPACING_MM, prepare_for_disa
+    from DeepMultimodalRegLib.networks.disa_net import compute_descriptors, load_disa_network
+
+    device = resolve_device(result.device.split(" ")[0] if result.device else "cpu")
+    model = load_disa_network("disa", device=device)
+    phi_fixed, grid = compute_descriptors(model, prepare_for_disa(result.fixed, DISA_SPACING_MM), device)
+    phi_warped, _ = compute_descriptors(model, prepare_for_disa(result.warped, DISA_SPACING_MM), device)
+    return Volume((phi_fixed * phi_warped).sum(0).float().cpu(), grid, name="local DISA")
 
 
 def show_map(scene, name: str, volume: Volume, node=None, prefix: str = ""):
