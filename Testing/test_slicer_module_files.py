@@ -25,7 +25,7 @@ def _top_level_imports(tree: ast.Module) -> set[str]:
 
 
 def test_module_imports_nothing_heavy_at_import_time():
-    tree = ast.parse(MODULE.read_text())
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
     heavy = {"torch", "DeepMultimodalRegLib", "monai", "torchdiffeq", "numpy", "SimpleITK"}
     assert not (_top_level_imports(tree) & heavy)
     classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
@@ -35,7 +35,7 @@ def test_module_imports_nothing_heavy_at_import_time():
 def test_module_method_list_matches_the_library_catalogue():
     from DeepMultimodalRegLib.methods import METHODS
 
-    tree = ast.parse(MODULE.read_text())
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
     listed = next(ast.literal_eval(n.value) for n in tree.body
                   if isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "METHODS" for t in n.targets))
     assert tuple(listed) == tuple(METHODS)
@@ -46,7 +46,7 @@ def test_module_method_list_matches_the_library_catalogue():
 
 
 def _module_constant(name: str):
-    tree = ast.parse(MODULE.read_text())
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
     return next(ast.literal_eval(n.value) for n in tree.body
                 if isinstance(n, ast.Assign) and any(getattr(t, "id", "") == name for t in n.targets))
 
@@ -54,7 +54,7 @@ def _module_constant(name: str):
 def test_ui_has_every_widget_the_module_uses_with_the_expected_class():
     classes = {w.get("name"): w.get("class") for w in ET.parse(UI).getroot().iter("widget")}
     declared = {**_module_constant("PARAMETER_WIDGETS"), **_module_constant("ACTION_WIDGETS")}
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE.read_text())) | set(_module_constant("PARAMETER_WIDGETS"))
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE.read_text(encoding="utf-8"))) | set(_module_constant("PARAMETER_WIDGETS"))
     assert used, "the module uses no widgets from its .ui?"
     assert used <= set(declared), f"used but not declared with a class: {sorted(used - set(declared))}"
     wrong = {name: (classes.get(name), cls) for name, cls in declared.items() if classes.get(name) != cls}
