@@ -1,0 +1,97 @@
+"""The vector fields f^(l) of MS-ODE, one network per pyramid level (paper section 2.1).
+
+Each network sees the current warped moving image and the fixed image (and, with
+``inputs="image+mind"``, their MIND-SSC descriptors: 12 + 12 more channels that make contrast
+differences smaller from the first step on) and the time t, and returns dθ/dt:
+
+* :class:`RigidField`: convolutions, then fully connected layers → 6 rates (rad, mm per unit time);
+* :class:`BSplineField`: fully convolutional; the output field is averaged onto the control grid;
+* :class:`DenseField`: MONAI's U-Net → a 3-component velocity on the level's grid.
+
+Final layers start at zero, so an untrained network leaves θ where it is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from ..metrics.mind import mind_ssc
+
+INPUT_MODES = ("image", "image+mind")
+
+
+def input_channels(inputs: str) -> int:
+    return 2 if inputs == "image" else 26
+
+
+def build_inputs(warped: torch.Tensor, fixed: torch.Tensor, inputs: str,
+                 fixed_mind: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, C, D, H, W] network input from warped moving and fixed [B, 1, D, H, W]."""
+    if inputs == "image":
+        return torch.cat([warped, fixed], 1)
+    if fixed_mind is None:
+        fixed_mind = mind_ssc(fixed, radius=1, dilation=1)
+    return torch.cat([warped, fixed, mind_ssc(warped, radius=1, dilation=1), fixed_mind], 1)
+
+
+def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv3d(cin, cout, 3, stride, 1), nn.GroupNorm(min(4, cout), cout), nn.LeakyReLU(0.2))
+
+
+class RigidField(nn.Module):
+    """dθ/dt for θ = (rx, ry, rz, tx, ty, tz): rates scaled to ``rotation_scale`` rad and
+    ``translation_scale`` mm per unit time."""
+
+    def __init__(self, in_channels: int, width: int = 16, pooled: int = 4, hidden: int = 128,
+                 rotation_scale: float = 0.5, translation_scale: float = 10.0):
+        super().__init__()
+        self.features = nn.Sequential(_block(in_channels, width, 2), _block(width, 2 * width, 2),
+                                      _block(2 * width, 2 * width, 2), _block(2 * width, 4 * width, 2))
+        self.pooled = pooled
+        self.head = nn.Sequential(nn.Linear(4 * width * pooled ** 3 + 1, hidden), nn.LeakyReLU(0.2),
+                                  nn.Linear(hidden, 6))
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+        self.register_buffer("scale", torch.tensor([rotation_scale] * 3 + [translation_scale] * 3))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = F.adaptive_avg_pool3d(self.features(x), self.pooled).flatten(1)
+        tt = t.to(h.dtype).reshape(1, 1).expand(h.shape[0], 1)
+        return self.head(torch.cat([h, tt], 1)) * self.scale
+
+
+class BSplineField(nn.Module):
+    """dθ/dt for B-spline coefficients [B, 3, gz, gy, gx], fully convolutional, ``scale`` mm per unit time."""
+
+    def __init__(self, in_channels: int, width: int = 16, scale: float = 5.0):
+        super().__init__()
+        self.body = nn.Sequential(_block(in_channels + 1, width, 2), _block(width, 2 * width, 2),
+                                  _block(2 * width, 2 * width), nn.Conv3d(2 * width, 3, 3, 1, 1))
+        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(self.body[-1].bias)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, control_shape: tuple[int, int, int]) -> torch.Tensor:
+        tt = t.to(x.dtype).expand(x.shape[0], 1, *x.shape[2:])
+        return F.adaptive_avg_pool3d(self.body(torch.cat([x, tt], 1)), control_shape) * self.scale
+
+
+class DenseField(nn.Module):
+    """dθ/dt for a dense displacement [B, 3, D, H, W]: MONAI's U-Net, ``scale`` mm per unit time."""
+
+    def __init__(self, in_channels: int, channels: tuple[int, ...] = (16, 32, 32), scale: float = 5.0):
+        super().__init__()
+        from monai.networks.nets import UNet
+
+        self.unet = UNet(spatial_dims=3, in_channels=in_channels + 1, out_channels=channels[0], channels=channels,
+                         strides=(2,) * (len(channels) - 1), num_res_units=1)
+        self.head = nn.Conv3d(channels[0], 3, 1)  # our own output layer, zero at the start
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        tt = t.to(x.dtype).expand(x.shape[0], 1, *x.shape[2:])
+        return self.head(torch.nn.functional.leaky_relu(self.unet(torch.cat([x, tt], 1)), 0.2)) * self.scale
