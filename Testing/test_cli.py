@@ -114,11 +114,8 @@ def _nan_image(tmp_path):
 
 
 @pytest.mark.parametrize("args", [
-    ["register", "f.nii.gz", "m.nii.gz", "-o", "out", "--method", "msode-rigid"],
-    ["refine", "f.nii.gz", "m.nii.gz", "--init", "x", "-o", "out", "--mode", "iso"],
-    ["register2d3d", "ct.nii.gz", "xray.nii.gz", "--geometry", "g.json", "-o", "out"],
-    ["drr", "ct.nii.gz", "--geometry", "g.json", "--pose", "0,0,0,0,0,0", "-o", "drr.nii.gz"],
-    ["train", "general", "-o", "dir"],
+    # (msode-rigid left this list when MS-ODE landed: issue 8)
+    ["register2d3d", "ct.nii.gz", "xray.nii.gz", "--geometry", "g.json", "-o", "out"],  # sopi: learned, later
 ])
 def test_commands_not_available_yet_say_so(args, capsys):
     code, err = _run_cli(args, capsys)

@@ -147,8 +147,17 @@ def test_bad_requests_fail_before_any_work(scene, sample_t1):
         logic.register(node, node_from_volume(scene, sample_t1, name="copy"), method="elastix")
     with pytest.raises(DeepMMRegError, match="search"):
         logic.register(node, node_from_volume(scene, sample_t1, name="copy"), settings={"Search": "sideways"})
-    with pytest.raises(NotAvailableError):
-        logic.register(node, node_from_volume(scene, sample_t1, name="copy"), method="msode-rigid")
+    # --- msode (issue 8): msode-rigid is available now; a method without a runner stands in for it
+    from DeepMultimodalRegLib.methods import registry
+
+    saved_runner, saved_import = registry.METHODS["msode-rigid"].runner, registry._try_import
+    registry.METHODS["msode-rigid"].runner, registry._try_import = None, lambda module: None
+    try:
+        with pytest.raises(NotAvailableError):
+            logic.register(node, node_from_volume(scene, sample_t1, name="copy"), method="msode-rigid")
+    finally:
+        registry.METHODS["msode-rigid"].runner, registry._try_import = saved_runner, saved_import
+    # --- end msode
 
 
 def test_disa_result_gets_a_local_disa_map_that_agrees_with_local_lc2(scene, misaligned_pair):

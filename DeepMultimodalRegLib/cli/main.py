@@ -46,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global search: rotations within ±this about each axis (default 40; the paper's brain range is 10)")
     r.add_argument("--range-mm", type=float,
                    help="global search: translations within ±this along each axis (default 150; brain: 25)")
+    # --- rso (issue 5)
+    r.add_argument("--weights", type=Path, help="deep: general-model weights (default: the shipped `general`); msode-*: a trained MS-ODE model "
+                        "(none ships yet)")
+    r.add_argument("--working-spacing", type=float, help="deep: working grid spacing in mm (default: the model's)")
+    # --- end rso
+    # --- msode (issue 8)
+    r.add_argument("--ode-solvers", help="msode-*: solvers per level in the paper's notation, e.g. "
+                   "'A(1e-3)-A(1e-3)-F(0.1)' (default: the model's)")
+    # --- end msode
 
     f = sub.add_parser("refine", help="refine a deep registration: whole image (iso) or inside a box (rso)")
     f.add_argument("fixed", type=Path)
@@ -64,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("-o", "--output", type=Path, required=True)
     x.add_argument("--method", choices=METHODS_2D3D, default="sopi")
     x.add_argument("--model", type=Path, help="folder of per-patient SOPI networks")
+    # --- SOPI 2D/3D (issue 7): options of the optimisation baselines ---
+    x.add_argument("--init-pose", type=_floats(6), default=(0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+                   help="start pose rx,ry,rz,tx,ty,tz in degrees and mm (default: the nominal AP view, 0,...,0)")
+    x.add_argument("--starts", type=int, help="opt-*: random poses scored by the global sampling (default 96)")
+    # --- end SOPI 2D/3D ---
     _device_and_seed(x)
 
     d = sub.add_parser("drr", help="render a digitally reconstructed radiograph of a CT")
@@ -106,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--aligned-jitter", type=int, help="disa: shift of aligned crops, voxels per axis (max)")
     t.add_argument("--learning-rate", type=float, help="disa: peak learning rate")
     t.add_argument("--warmup-steps", type=int, help="disa: learning-rate warm-up steps")
+    # --- msode (issue 8)
+    t.add_argument("--kind", choices=("rigid", "bspline", "dense"), default="rigid",
+                   help="msode: the parameterisation to train (default rigid)")
+    t.add_argument("--motion-deg", type=float, help="msode: simulated rotations U(±this) per axis (default 75, the paper's)")
+    t.add_argument("--motion-mm", type=float, help="msode: simulated translations U(±this) mm (default 20, the paper's)")
+    # --- end msode
     _device_and_seed(t)
     return p
 
@@ -175,12 +195,26 @@ def cmd_register(args) -> int:
     bar = TqdmProgress(args.method)
     try:
         extra = {k: getattr(args, k) for k in ("starts", "range_deg", "range_mm") if getattr(args, k) is not None}
+        # --- rso (issue 5): deep-method settings
+        if getattr(args, "weights", None) is not None:
+            extra["weights"] = str(args.weights)
+        if getattr(args, "working_spacing", None) is not None:
+            extra["working_spacing_mm"] = args.working_spacing
+        # --- end rso
+        # --- msode (issue 8)
+        if getattr(args, "ode_solvers", None):
+            extra["solvers"] = args.ode_solvers
+        # --- end msode
         result = info.runner(fixed, moving, RegistrationOptions(search=args.search, device=args.device, seed=args.seed,
                                                                 progress=bar, cancel=CancelToken(), extra=extra,
                                                                 **masks))
     finally:
         bar.close()
     paths = result.save(out, protected=[args.fixed, args.moving])
+    # --- rso (issue 5): the deep method's session, so `deepmmreg refine --init OUT` can continue
+    if getattr(result, "session", None) is not None:
+        paths["session"] = result.session.save(out)
+    # --- end rso
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
     return 0
 
@@ -226,6 +260,18 @@ def cmd_models(args) -> int:
 
 
 def cmd_train(args) -> int:
+    # --- rso (issue 5)
+    if args.what == "general":
+        from ..rso.train_general import cli_train_general
+
+        return cli_train_general(args)
+    # --- end rso
+    # --- msode (issue 8)
+    if args.what == "msode":
+        from ..training.msode_cli import cli_train_msode
+
+        return cli_train_msode(args)
+    # --- end msode
     if args.what != "disa":
         return cmd_not_available(args)
     from ..fileio import check_output_dir
@@ -257,6 +303,67 @@ def cmd_train(args) -> int:
     return 0
 
 
+# --- SOPI 2D/3D (issue 7): drr and register2d3d ---
+def cmd_drr(args) -> int:
+    from ..fileio import check_output_path
+    from ..image.io import read_volume
+    from ..sopi.geometry import read_geometry
+    from ..sopi.register import render_drr, validate_ct
+    from ..sopi.xray import write_drr
+
+    out = check_output_path(args.output, [args.ct, args.geometry])
+    geometry = read_geometry(args.geometry)
+    ct = read_volume(args.ct)
+    validate_ct(ct)
+    drr = render_drr(ct, geometry, args.pose, device=args.device)
+    write_drr(drr, geometry, out, protected=[args.ct, args.geometry])
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_register2d3d(args) -> int:
+    from ..fileio import check_output_dir
+    from ..image.io import read_volume
+    from ..progress import CancelToken, TqdmProgress
+    from ..sopi.geometry import read_geometry
+    from ..sopi.optimize import OptimizerSettings
+    from ..sopi.register import register_2d3d, require_method_available
+    from ..sopi.xray import fit_geometry_to_xray, read_xray
+
+    require_method_available(args.method)  # sopi / sopi+opt fail here, before any file is read
+    out = check_output_dir(args.output, [args.ct, args.xray, args.geometry])
+    geometry = read_geometry(args.geometry)
+    xray, dicom_geometry = read_xray(args.xray)
+    if dicom_geometry is not None and abs(dicom_geometry.source_to_detector_mm - geometry.source_to_detector_mm) > 1:
+        logging.getLogger(__name__).warning(
+            "the X-ray's DICOM tags give a source-to-detector distance of %.1f mm, the geometry file %.1f mm; "
+            "using the geometry file", dicom_geometry.source_to_detector_mm, geometry.source_to_detector_mm)
+    geometry = fit_geometry_to_xray(geometry, tuple(xray.shape))
+    ct = read_volume(args.ct)
+    settings = OptimizerSettings()
+    if args.starts is not None:
+        if args.starts < 0:
+            raise InvalidParameterError(f"--starts must be ≥ 0, got {args.starts}")
+        settings.starts = args.starts
+    bar = TqdmProgress(args.method)
+    try:
+        result = register_2d3d(ct, xray, geometry, args.method, init_pose=args.init_pose, settings=settings,
+                               device=args.device, seed=args.seed, progress=bar, cancel=CancelToken(),
+                               ct_name=ct.name, xray_name=Path(args.xray).name)
+    finally:
+        bar.close()
+    paths = result.save(out, protected=[args.ct, args.xray, args.geometry])
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+    return 0
+# --- end SOPI 2D/3D ---
+
+
+def cmd_refine(args) -> int:  # rso (issue 5)
+    from ..rso.cli import cmd_refine as run_refine
+
+    return run_refine(args)
+
+
 def cmd_not_available(args) -> int:
     what = {"refine": "interactive refinement (ISO/RSO)", "register2d3d": "2D/3D registration (SOPI)",
             "drr": "DRR rendering", "train": f"training '{getattr(args, 'what', '')}'"}[args.command]
@@ -264,7 +371,7 @@ def cmd_not_available(args) -> int:
 
 
 COMMANDS = {"apply": cmd_apply, "register": cmd_register, "demo": cmd_demo, "models": cmd_models,
-            "refine": cmd_not_available, "register2d3d": cmd_not_available, "drr": cmd_not_available,
+            "refine": cmd_refine, "register2d3d": cmd_register2d3d, "drr": cmd_drr,
             "train": cmd_train}
 
 
