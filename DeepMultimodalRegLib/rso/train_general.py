@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..errors import InvalidParameterError
 from ..fileio import atomic_output
+from ..training.checkpoint import load_checkpoint, save_checkpoint
 from ..image.geometry import ImageGeometry
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..synthetic import smooth_random_deformation
@@ -247,23 +248,12 @@ def train_general(out_dir: str | Path, config: GeneralTrainingConfig | None = No
     device = resolve_device(config.device)
     model = RegistrationNet(working_spacing_mm=config.spacing_mm).to(device)
     optimiser = make_adam(model, config.learning_rate)
-    state = _TrainingState()
     generator = torch.Generator().manual_seed(config.seed)
     checkpoint = out / "checkpoint.pt"
-    if checkpoint.exists():
-        saved = torch.load(checkpoint, map_location=device, weights_only=True)
-        generator_state = saved["generator"].cpu()
-        saved["generator"] = generator_state
-        model.load_state_dict(saved["model"])
-        optimiser.load_state_dict(saved["optimiser"])
-        generator.set_state(saved["generator"])
-        state = _TrainingState(**json.loads(saved["state"]))
+    state = load_checkpoint(checkpoint, model, optimiser, generator, _TrainingState(), map_location=device)
 
-    def save_checkpoint():
-        with atomic_output(checkpoint) as tmp:
-            torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
-                        "generator": generator.get_state(), "state": json.dumps(asdict(state)),
-                        "config": json.dumps(asdict(config))}, tmp)
+    def checkpoint_now():
+        save_checkpoint(checkpoint, model, optimiser, generator, state, config)
 
     started = time.perf_counter()
     seconds_before = state.seconds
@@ -297,9 +287,9 @@ def train_general(out_dir: str | Path, config: GeneralTrainingConfig | None = No
                                      **evaluate(model, validation, config.spacing_mm)})
             model.train()
         if state.step % config.checkpoint_every == 0 or state.step == config.steps:
-            save_checkpoint()
+            checkpoint_now()
         progress(state.step / config.steps, f"step {state.step} mse {running:.5f}")
-    save_checkpoint()
+    checkpoint_now()
     model.eval()
     if not state.validation or state.validation[-1]["step"] != state.step:
         state.validation.append({"step": state.step, "seconds": round(state.seconds, 1), "train_mse_running": running,

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..fileio import atomic_output
+from .checkpoint import load_checkpoint, save_checkpoint
 from ..networks.disa_net import DISANet, count_parameters
 from ..progress import CancelToken, ProgressCallback, no_progress
 from .disa_sampler import (STRIDE, Augmentation, CropPair, DenseCropPair, equalised_weights, sample_crop_pair,
@@ -170,21 +171,12 @@ def train_disa(out_dir: str | Path, config: DisaTrainingConfig | None = None, da
     if config.init_weights:
         model.load_state_dict(torch.load(config.init_weights, weights_only=True))
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    state = TrainingState()
     generator = torch.Generator().manual_seed(config.seed)
     checkpoint = out / "checkpoint.pt"
-    if checkpoint.exists():
-        saved = torch.load(checkpoint, weights_only=True)
-        model.load_state_dict(saved["model"])
-        optimiser.load_state_dict(saved["optimiser"])
-        generator.set_state(saved["generator"])
-        state = TrainingState(**json.loads(saved["state"]))
+    state = load_checkpoint(checkpoint, model, optimiser, generator, TrainingState())
 
-    def save_checkpoint():
-        with atomic_output(checkpoint) as tmp:
-            torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
-                        "generator": generator.get_state(), "state": json.dumps(asdict(state)),
-                        "config": json.dumps(asdict(config))}, tmp)
+    def checkpoint_now():
+        save_checkpoint(checkpoint, model, optimiser, generator, state, config)
 
     started = time.perf_counter()
     seconds_before = state.seconds
@@ -216,9 +208,9 @@ def train_disa(out_dir: str | Path, config: DisaTrainingConfig | None = None, da
             state.validation.append({"step": state.step, "seconds": round(state.seconds, 1),
                                      "train_mse_running": running, **evaluate(model, validation)})
         if state.step % config.checkpoint_every == 0 or state.step == config.steps:
-            save_checkpoint()
+            checkpoint_now()
         progress(state.step / config.steps, f"step {state.step} mse {running:.4f}")
-    save_checkpoint()
+    checkpoint_now()
     if not state.validation or state.validation[-1]["step"] != state.step:
         state.validation.append({"step": state.step, "seconds": round(state.seconds, 1),
                                  "train_mse_running": running, **evaluate(model, validation)})

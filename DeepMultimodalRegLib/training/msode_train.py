@@ -25,6 +25,7 @@ import torch
 
 from ..errors import InvalidParameterError
 from ..fileio import atomic_output
+from .checkpoint import load_checkpoint, save_checkpoint
 from ..msode.model import MSODE, MSODEConfig
 from ..msode.similarity import similarity_loss
 from ..msode.solvers import parse_solvers
@@ -153,20 +154,11 @@ def train_msode(out_dir: str | Path, config: MSODETrainingConfig | None = None, 
     model = MSODE(config.model_config())
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     generator = torch.Generator().manual_seed(config.seed)
-    state = TrainingState()
     checkpoint = out / "checkpoint.pt"
-    if checkpoint.exists():
-        saved = torch.load(checkpoint, weights_only=True)
-        model.load_state_dict(saved["model"])
-        optimiser.load_state_dict(saved["optimiser"])
-        generator.set_state(saved["generator"])
-        state = TrainingState(**json.loads(saved["state"]))
+    state = load_checkpoint(checkpoint, model, optimiser, generator, TrainingState())
 
-    def save_checkpoint():
-        with atomic_output(checkpoint) as tmp:
-            torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
-                        "generator": generator.get_state(), "state": json.dumps(asdict(state)),
-                        "config": json.dumps(asdict(config))}, tmp)
+    def checkpoint_now():
+        save_checkpoint(checkpoint, model, optimiser, generator, state, config)
 
     if not state.validation:
         state.validation.append({"step": 0, "seconds": 0.0, **evaluate(model, validation, config, solvers)})
@@ -197,10 +189,10 @@ def train_msode(out_dir: str | Path, config: MSODETrainingConfig | None = None, 
             state.validation.append({"step": state.step, "seconds": round(state.seconds, 1),
                                      **evaluate(model, validation, config, solvers)})
         if state.step % config.checkpoint_every == 0 or state.step == config.steps:
-            save_checkpoint()
+            checkpoint_now()
         progress(state.step / config.steps,
                  f"step {state.step} sim {running['sim']:.4f} self {running['self']:.3f} rmse {running['rmse_mm']:.1f} mm")
-    save_checkpoint()
+    checkpoint_now()
     if state.validation[-1]["step"] != state.step:
         state.validation.append({"step": state.step, "seconds": round(state.seconds, 1),
                                  **evaluate(model, validation, config, solvers)})
