@@ -142,3 +142,14 @@ def test_worst_similarity_centre_finds_the_disagreeing_region():
     similarity[4:8, 12:16, 2:6] = 0.1  # voxel block centred at index (i, j, k) = (3.5, 13.5, 5.5)
     centre = worst_similarity_center(Volume(similarity, geometry), (8.0, 8.0, 8.0))
     assert np.allclose(centre, (7.0, 27.0, 11.0), atol=2.1)
+
+
+def test_worst_similarity_box_stays_inside_the_image():
+    from DeepMultimodalRegLib.image.geometry import ImageGeometry
+
+    geometry = ImageGeometry((20, 20, 20), spacing=(2.0, 2.0, 2.0))
+    similarity = torch.full((20, 20, 20), 0.9)
+    similarity[0:3, 0:3, 0:3] = 0.0  # the worst agreement sits in a corner
+    centre = worst_similarity_center(Volume(similarity, geometry), (12.0, 12.0, 12.0))
+    box = Box(tuple(centre), (12.0, 12.0, 12.0))
+    assert box.mask(geometry).sum() == 7 ** 3  # the whole box (6 mm half-width = 3 voxels) is inside

@@ -48,6 +48,14 @@ def worst_similarity_center(similarity: Volume, box_size_mm, foreground: Optiona
         share = torch.nn.functional.avg_pool3d(inside, kernel, stride=1, padding=tuple(radius),
                                                count_include_pad=False)[0, 0]
         mean = torch.where(share > 0.5, mean, torch.full_like(mean, float("inf")))
+    # only centres whose whole box lies in the image: a box hanging over the edge refines nothing there
+    inside = torch.zeros_like(mean, dtype=torch.bool)
+    bounds = []
+    for axis, r in enumerate(radius):
+        n = mean.shape[axis]
+        bounds.append(slice(r, n - r) if n > 2 * r else slice(n // 2, n // 2 + 1))
+    inside[tuple(bounds)] = True
+    mean = torch.where(inside, mean, torch.full_like(mean, float("inf")))
     k, j, i = np.unravel_index(int(torch.argmin(mean)), tuple(mean.shape))
     m = similarity.geometry.index_to_physical_matrix()
     return m[:3, :3] @ np.array([i, j, k], dtype=np.float64) + m[:3, 3]
