@@ -52,3 +52,15 @@ def sample_t2():
     from DeepMultimodalRegLib.sample_data import load_sample
 
     return load_sample("mr_brain_t2")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module of small tensors: on a small shared CPU, two OpenMP threads
+    spin against other jobs and run up to 10x slower (measured while building RSO and SOPI)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

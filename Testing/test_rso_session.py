@@ -26,13 +26,7 @@ WORKING_MM = 12.0
 WEIGHTS = None if any(e.name == "general" for e in load_manifest()) else "untrained"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a small shared machine, two threads spin against other jobs (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,7 @@ from DeepMultimodalRegLib.rso.train_general import (GeneralTrainingConfig, field
 from DeepMultimodalRegLib.rso.working_grid import to_working, warp_on_grid, working_geometry
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,7 @@ from DeepMultimodalRegLib.sopi.pose import (as_pose_tensor, carm_to_ct_matrix, c
                                             geodesic_distance, matrix_to_pose, pose_errors, pose_matrix)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These renders are small: one thread avoids OpenMP overhead (and oversubscription on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 def _phantom(n=48, spacing=2.0, kind="cube", half_voxels=10, value_hu=1000.0):

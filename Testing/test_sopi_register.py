@@ -18,13 +18,7 @@ from DeepMultimodalRegLib.sopi.pose import pose_errors
 from DeepMultimodalRegLib.sopi.simulate import simulate_xray
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These renders are small: one thread avoids OpenMP overhead (and oversubscription on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 def test_opt_gc_recovers_a_small_pose_offset_on_a_real_ct(pelvis_ct):
