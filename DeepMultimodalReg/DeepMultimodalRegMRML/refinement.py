@@ -19,6 +19,8 @@ import torch
 from DeepMultimodalRegLib.errors import InvalidParameterError
 from DeepMultimodalRegLib.image.volume import Volume
 from DeepMultimodalRegLib.region import Box
+from DeepMultimodalRegLib.transforms.linear import AffineTransform
+from DeepMultimodalRegLib.transforms.resample import warp_volume
 
 from . import parameters as P
 from .coordinates import lps_from_ras_points
@@ -27,7 +29,7 @@ from .logic import MAP_ROLES
 from .maps import compute_review_maps, show_map
 from .roi import box_from_roi, default_roi_size, roi_from_box
 from .transform_nodes import set_transform_node
-from .volumes import node_from_volume
+from .volumes import node_from_volume, volume_from_node
 
 END_INTERACTION = slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent
 
@@ -104,12 +106,7 @@ class RoiRefinement:
             if similarity_node is None:
                 center = session.fixed.geometry.center
             else:
-                from .volumes import volume_from_node
-
                 similarity = volume_from_node(similarity_node, "similarity map")
-                from DeepMultimodalRegLib.transforms.linear import AffineTransform
-                from DeepMultimodalRegLib.transforms.resample import warp_volume
-
                 fixed_on_map = warp_volume(session.fixed.float(), AffineTransform.identity(), similarity.geometry)
                 center = worst_similarity_center(similarity, size, fixed_on_map)
         roi = roi_from_box(self.scene, Box(tuple(center), size), name=name, fixed_node=self._fixed_node())

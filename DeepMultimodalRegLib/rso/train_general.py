@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..errors import InvalidParameterError
 from ..fileio import atomic_output
-from ..training.checkpoint import load_checkpoint, save_checkpoint
+from ..training.checkpoint import load_checkpoint, save_checkpoint, time_to_stop
 from ..image.geometry import ImageGeometry
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..synthetic import smooth_random_deformation
@@ -260,9 +260,7 @@ def train_general(out_dir: str | Path, config: GeneralTrainingConfig | None = No
     running = state.history[-1][1] if state.history else None
     model.train()
     while state.step < config.steps:
-        if cancel is not None and cancel.cancelled:
-            break
-        if config.max_minutes is not None and (time.perf_counter() - started) / 60 > config.max_minutes:
+        if time_to_stop(cancel, started, config.max_minutes):
             break
         use_ct = ct_names and (not mr_names or float(torch.rand(1, generator=generator)) < config.ct_probability)
         names = ct_names if use_ct else mr_names

@@ -39,3 +39,12 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimiser: torch.optim.O
         torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
                     "generator": generator.get_state(), "state": json.dumps(asdict(state)),
                     "config": json.dumps(asdict(config))}, tmp)
+
+
+def time_to_stop(cancel, started: float, max_minutes: float | None) -> bool:
+    """True when the run was cancelled or has used its wall-time budget (then it checkpoints and ends)."""
+    import time
+
+    if cancel is not None and cancel.cancelled:
+        return True
+    return max_minutes is not None and (time.perf_counter() - started) / 60 > max_minutes

@@ -19,9 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ..image.volume import Volume
 from ..metrics.lc2 import DISA_RADII, LC2_RIDGE, lc2_of_patches_everywhere
 from ..metrics.local_stats import box_mean_valid
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..fileio import atomic_output
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint, time_to_stop
 from ..networks.disa_net import DISANet, count_parameters
 from ..progress import CancelToken, ProgressCallback, no_progress
 from .disa_sampler import (STRIDE, Augmentation, CropPair, DenseCropPair, equalised_weights, sample_crop_pair,
@@ -183,9 +183,7 @@ def train_disa(out_dir: str | Path, config: DisaTrainingConfig | None = None, da
     running = None
     model.train()
     while state.step < config.steps:
-        if cancel is not None and cancel.cancelled:
-            break
-        if config.max_minutes is not None and (time.perf_counter() - started) / 60 > config.max_minutes:
+        if time_to_stop(cancel, started, config.max_minutes):
             break
         for group in optimiser.param_groups:
             group["lr"] = learning_rate(state.step, config)

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import InvalidParameterError
 from ..fileio import atomic_output
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint, time_to_stop
 from ..msode.model import MSODE, MSODEConfig
 from ..msode.similarity import similarity_loss
 from ..msode.solvers import parse_solvers
@@ -167,9 +167,7 @@ def train_msode(out_dir: str | Path, config: MSODETrainingConfig | None = None, 
     running: dict[str, float] = {}
     model.train()
     while state.step < config.steps:
-        if cancel is not None and cancel.cancelled:
-            break
-        if config.max_minutes is not None and (time.perf_counter() - started) / 60 > config.max_minutes:
+        if time_to_stop(cancel, started, config.max_minutes):
             break
         batch = make_batch(anatomies, config.kind, config.batch, config.levels, motion, generator,
                            config.real_t1_probability)
