@@ -5,6 +5,11 @@ The T2 scan is moved by a known rigid transform, so the answer is known exactly;
 registers the T1 (fixed) with the moved T2 (moving), and the target registration error (TRE) over
 brain voxels says how close it came.  Output: one folder per method (transform, warped volume,
 report.json, report.png), ``summary.json`` and ``index.html`` linking them.
+
+With ``deep=True`` the demo also runs the interactive deep workflow (general → ISO → RSO in a box
+ISO leaves misaligned) on the embedded chest CT with a known deformation
+(:func:`DeepMultimodalRegLib.rso.demo.run_deep_demo`), into ``deep_interactive/``; it takes a few
+minutes on a CPU, so it is asked for rather than run by default.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ DEMO_MISALIGNMENT = (8.0, -5.0, 6.0, 6.0, -8.0, 5.0)
 #: what the demo runs by default: fast enough for a first look on a laptop CPU (lc2-rigid, the
 #: global searches and the deformable methods can be asked for with ``methods``)
 DEMO_METHODS = ("disa-rigid", "disa-affine", "mind-rigid")
+#: where the interactive deep workflow's results go inside the demo's output folder
+DEEP_FOLDER = "deep_interactive"
 
 
 def make_demo_pair(misalignment=DEMO_MISALIGNMENT):
@@ -49,10 +56,14 @@ def make_demo_pair(misalignment=DEMO_MISALIGNMENT):
 
 
 def run_demo(out_dir: str | Path, device: str = "auto", seed: int = 0,
-             progress: Callable[[float, str], None] | None = None, methods: list[str] | None = None) -> dict:
+             progress: Callable[[float, str], None] | None = None, methods: list[str] | None = None,
+             deep: bool = False, deep_iterations: tuple[int, int] = (100, 400)) -> dict:
     out = check_output_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     scope = ProgressScope(progress)
+    deep_scope = None
+    if deep:  # the interactive workflow dominates the run time: give it most of the progress bar
+        scope, deep_scope = scope.sub(0.0, 0.3), scope.sub(0.3, 1.0)
     fixed, moving, truth = make_demo_pair()
     write_volume(fixed, out / "fixed_t1.nii.gz")
     write_volume(moving, out / "moving_t2.nii.gz")
@@ -82,6 +93,8 @@ def run_demo(out_dir: str | Path, device: str = "auto", seed: int = 0,
     summary = {"pair": {"fixed": fixed.name, "moving": moving.name,
                         "misalignment_deg_mm": list(DEMO_MISALIGNMENT)},
                "results": entries, "similarity_map": _similarity_map(fixed, moving, truth, out, device)}
+    if deep_scope is not None:
+        summary["deep_interactive"] = _deep_interactive(out, device, seed, deep_iterations, deep_scope)
     with atomic_output(out / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     _write_index(out, summary)
@@ -109,6 +122,18 @@ def _similarity_map(fixed, moving, truth, out: Path, device: str) -> dict | None
                              title="Similarity of the T1's centre to every point of the moved T2")
     return {"file": "similarity_map.png", "max_distance_to_true_point_mm": distances,
             "agreement": map_agreement(maps)}
+
+
+def _deep_interactive(out: Path, device: str, seed: int, iterations: tuple[int, int], progress) -> dict:
+    """general → ISO → RSO on the chest CT pair with a known deformation (issue 5's workflow)."""
+    from .rso.demo import run_deep_demo
+
+    try:
+        summary = run_deep_demo(out / DEEP_FOLDER, iso_iterations=iterations[0], rso_iterations=iterations[1],
+                                device=device, seed=seed, progress=progress)
+    except DeepMMRegError as exc:
+        return {"error": str(exc)}
+    return {**summary, "folder": DEEP_FOLDER}
 
 
 def _registry_runner(name: str, device: str, seed: int):
@@ -147,6 +172,7 @@ def _write_index(out: Path, summary: dict) -> None:
         images += (f"<h2>Similarity maps (DISA, LC², MIND-SSC)</h2><p>Distance of each map's maximum from the "
                    f"known corresponding point: " + ", ".join(f"{k} {v:.1f} mm" for k, v in d.items()) +
                    f"</p><img src='{sim['file']}' width='100%'>")
+    images += _deep_section(summary.get("deep_interactive"))
     page = f"""<!doctype html><html><head><meta charset='utf-8'><title>DeepMultimodalReg demo</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:auto}}td,th{{padding:4px 10px;border-bottom:1px solid #ccc}}</style>
 </head><body><h1>DeepMultimodalReg demo</h1>
@@ -157,3 +183,23 @@ Target registration error (TRE) is measured against that known transform over br
 {''.join(rows)}</table>{images}</body></html>"""
     with atomic_output(out / "index.html") as tmp:
         tmp.write_text(page)
+
+
+def _deep_section(deep: dict | None) -> str:
+    """The interactive workflow's table (in-box errors after each step) and its step pictures."""
+    if not deep:
+        return ""
+    if "error" in deep:
+        return f"<h2>Interactive deep refinement</h2><p>Not run: {html.escape(deep['error'])}</p>"
+    box = deep["box"]
+    rows = "".join(f"<tr><td>{html.escape(step)}</td><td>{e['rmse_hu']:.0f}</td><td>{e['displacement_error_mm']:.2f}</td>"
+                   f"<td>{e['seconds']:.1f}</td></tr>" for step, e in deep["in_box"].items())
+    pictures = "".join(f"<h3>{html.escape(step)}</h3><img src='{deep['folder']}/{step}/report.png' width='100%'>"
+                       for step in deep["in_box"])
+    centre = ", ".join(f"{c:.0f}" for c in box["center"])
+    return (f"<h2>Interactive deep refinement (chest CT, known deformation)</h2><p>General model, then ISO "
+            f"({deep['iterations']['iso']} iterations), then RSO ({deep['iterations']['rso']} iterations) in the "
+            f"{box['size'][0]:.0f} mm box centred at ({centre}) mm (LPS) where ISO left the largest error. "
+            f"Errors inside the box: RMSE against the clean CT and mean distance to the known displacement.</p>"
+            f"<table><tr><th>step</th><th>in-box RMSE (HU)</th><th>in-box displacement error (mm)</th>"
+            f"<th>time (s)</th></tr>{rows}</table>{pictures}")

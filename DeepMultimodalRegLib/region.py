@@ -79,6 +79,14 @@ class Box:
         local = (points - center) @ axes  # coordinates along the box axes
         return (local.abs() <= half * (1 + 1e-9)).all(dim=-1)
 
+    def falloff(self, points: torch.Tensor, width_mm: float) -> torch.Tensor:
+        """1 inside the box, falling linearly to 0 at ``width_mm`` outside it, at ``points`` [..., 3]
+        (float64 LPS mm): the weight with which a refinement of the box replaces what was there."""
+        axes = torch.as_tensor(self.axes_matrix, dtype=torch.float64, device=points.device)
+        local = (points.double() - torch.as_tensor(self.center, dtype=torch.float64, device=points.device)) @ axes
+        excess = (local.abs() - torch.as_tensor(self.size, dtype=torch.float64, device=points.device) / 2).clamp_min(0)
+        return (1.0 - torch.linalg.norm(excess, dim=-1) / float(width_mm)).clamp(0.0, 1.0)
+
     def mask(self, geometry: ImageGeometry, device: torch.device | str = "cpu") -> torch.Tensor:
         """Boolean (D, H, W) mask of the voxels of ``geometry`` whose centres lie in the box.
 

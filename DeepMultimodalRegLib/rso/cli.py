@@ -29,13 +29,18 @@ def cmd_refine(args) -> int:
         else:
             if box is None:
                 raise InvalidParameterError("--mode rso needs --roi cx,cy,cz,sx,sy,sz (box centre and size, fixed LPS mm)")
-            result = session.rso(box, args.iterations or 400, progress=bar, cancel=CancelToken())
+            result = session.rso(box, args.iterations or 400, progress=bar, cancel=CancelToken(),
+                                 spacing_mm=getattr(args, "rso_spacing", None))
     finally:
         bar.close()
     paths = result.save(out, protected=[args.fixed, args.moving])
     paths["session"] = session.save(out)
     f = result.figures
-    summary = {"step": f.get("kind"), "loss_before": f.get("loss_before"), "loss_after": f.get("loss_after")}
+    summary = {"step": f.get("kind")}
+    if "loss_before" in f:
+        summary.update(loss_before=f["loss_before"], loss_after=f["loss_after"])
+    if "refine_spacing_mm" in f:
+        summary.update(refine_spacing_mm=f["refine_spacing_mm"])
     if "in_box_loss_before" in f:
         summary.update(in_box_loss_before=f["in_box_loss_before"], in_box_loss_after=f["in_box_loss_after"])
     for message in f.get("warnings", []):

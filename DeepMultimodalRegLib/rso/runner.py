@@ -6,6 +6,8 @@ result files and ``deepmmreg refine`` can continue from it.
 
 from __future__ import annotations
 
+import warnings
+
 from ..methods.registry import RegistrationOptions, register_method
 from .session import DeepRegistrationSession
 
@@ -15,7 +17,11 @@ SESSION_OPTIONS = ("weights", "similarity", "working_spacing_mm", "smoothness_we
 
 def run_deep(fixed, moving, options: RegistrationOptions):
     settings = {k: options.extra[k] for k in SESSION_OPTIONS if k in options.extra}
-    session = DeepRegistrationSession(fixed, moving, device=options.device, seed=options.seed, **settings)
+    if options.moving_mask is not None:
+        warnings.warn("the deep method uses the fixed mask only; the moving mask is ignored", RuntimeWarning,
+                      stacklevel=2)
+    session = DeepRegistrationSession(fixed, moving, device=options.device, seed=options.seed,
+                                      fixed_mask=options.fixed_mask, **settings)
     result = session.general(options.progress, options.cancel)
     result.session = session  # type: ignore[attr-defined]
     return result

@@ -10,7 +10,9 @@ step warm-starts from the last (the paper's three-step workflow, Algorithm 1):
   (paper eq. 6).  Beyond the paper, ``crop=True`` feeds the network only a block around the box
   (the box grown by the largest current displacement in it plus context), so a step costs a
   fraction of a whole-image step; and the new field replaces the old one only in and around the
-  box (a smooth blend), so a refinement of one region never disturbs the rest.
+  box (a smooth blend), so a refinement of one region never disturbs the rest.  A cropped step can
+  also run at a finer spacing than the working grid (``spacing_mm``; :mod:`.fine_patch`): it then
+  refines the current registration with a residual on a local grid around the box.
 
 The session is used from one worker thread at a time.  ``progress(fraction, message)`` is called
 between iterations; a cancelled :class:`CancelToken` raises :class:`CancelledError` after restoring
@@ -41,16 +43,21 @@ from ..progress import CancelToken, ProgressCallback, ProgressScope
 from ..region import Box
 from ..result import RegistrationResult, RegistrationStep
 from ..transforms.resample import warp_volume
-from .losses import DEFAULT_SMOOTHNESS, Similarity, smoothness
+from .fine_patch import FinePatch, change_of_displacement, local_grid, resample_onto
+from .losses import DEFAULT_SMOOTHNESS, Similarity, disa_targets, smoothness
 from .prepare import guess_modality, normalise
 from .weights import load_general_model
-from .working_grid import (Crop, choose_spacing, crop_around, field_to_fixed, to_working, warp_on_grid,
-                           working_geometry)
+from .working_grid import (Crop, choose_spacing, crop_around, field_to_fixed, mm_to_voxels, to_working, voxels_to_mm,
+                           warp_on_grid, working_geometry)
 
 #: a box must cover at least this many voxels of the working grid (inside the fixed image)
 MIN_BOX_VOXELS = 8
 #: context (mm) added around box + displacement when cropping the network's input
 CROP_CONTEXT_MM = 24.0
+#: automatic RSO spacing: at most this many voxels in the local grid of a cropped step (64³) ...
+MAX_FINE_VOXELS = 64 ** 3
+#: ... and no finer than the fixed image's own spacing nor a quarter of the working spacing
+FINEST_FRACTION_OF_WORKING = 0.25
 SESSION_FILE = "deep_session.pt"
 SESSION_JSON = "deep_session.json"
 
@@ -61,6 +68,8 @@ class _State:
     field: torch.Tensor  # [1, 3, D, H, W] working voxels, on the session's device
     step: RegistrationStep
     result: RegistrationResult | None = None
+    #: refinements at a finer spacing, applied over ``field`` in order (ISO starts a new list)
+    patches: tuple[FinePatch, ...] = ()
 
 
 @dataclass(eq=False)
@@ -77,7 +86,8 @@ class DeepRegistrationSession:
 
     def __init__(self, fixed: Volume, moving: Volume, *, weights=None, device: str = "auto",
                  similarity: str = "auto", seed: int = 0, working_spacing_mm: float | None = None,
-                 smoothness_weight: float | None = None, learning_rate: float = 3e-4):
+                 smoothness_weight: float | None = None, learning_rate: float = 3e-4,
+                 fixed_mask: Volume | None = None, rso_spacing_mm: float | None = None):
         validate_registration_input(fixed, "fixed", method="deep")
         validate_registration_input(moving, "moving", method="deep")
         if working_spacing_mm is not None and not (math.isfinite(working_spacing_mm) and working_spacing_mm > 0):
@@ -99,13 +109,26 @@ class DeepRegistrationSession:
         self.learning_rate = float(learning_rate)
         self.working_spacing_mm = choose_spacing(fixed.geometry, working_spacing_mm, self.model.trained_spacing_mm)
         self.grid: ImageGeometry = working_geometry(fixed.geometry, self.working_spacing_mm)
+        #: spacing of cropped RSO steps; finer than the working grid = a local residual refinement;
+        #: None = chosen per box (:meth:`_auto_rso_spacing`)
+        self.rso_spacing_mm = None if rso_spacing_mm is None else self._check_rso_spacing(rso_spacing_mm)
+        # the normalised images, kept to resample onto the local grids of fine RSO steps
+        self._fixed_norm = normalise(fixed, self.fixed_modality)
+        self._moving_norm = normalise(moving, self.moving_modality)
         with torch.no_grad():
-            f = to_working(normalise(fixed, self.fixed_modality), self.grid)
-            m = to_working(normalise(moving, self.moving_modality), self.grid)
+            f = to_working(self._fixed_norm, self.grid)
+            m = to_working(self._moving_norm, self.grid)
         self._fixed_w = f[None, None].to(self.device)
         self._moving_w = m[None, None].to(self.device)
         self._pair = torch.cat([self._fixed_w, self._moving_w], dim=1)
+        # what the similarity compares: the images themselves, or their DISA descriptor maps
+        self._fixed_sim, self._moving_sim = self._fixed_w, self._moving_w
+        if similarity == "disa":
+            self._fixed_sim, self._moving_sim = disa_targets(fixed, moving, self.grid, self.device)
         self._inside = _inside_mask(self.grid, fixed.geometry).to(self.device)[None, None]
+        self._masked = fixed_mask is not None
+        if fixed_mask is not None:  # the losses (ISO's whole image, RSO's box) count only inside it
+            self._inside = self._inside & _mask_on_grid(fixed_mask, self.grid).to(self.device)[None, None]
         self._points = self.grid.physical_grid(dtype=torch.float64)  # [D, H, W, 3] (cpu)
         self._done: list[_State] = []
         self._undone: list[_State] = []
@@ -144,18 +167,20 @@ class DeepRegistrationSession:
         if not self._done:
             return None
         state = self._done[-1]
-        if state.result is None:
-            state.result = self._make_result(state)
-        return state.result
+        return self._result_of(state)
 
     @property
     def current_field(self) -> torch.Tensor | None:
-        """The current displacement on the working grid, [1, 3, D, H, W] in working voxels (a copy)."""
-        return None if not self._done else self._done[-1].field.detach().clone()
+        """The current displacement on the working grid, [1, 3, D, H, W] in working voxels (a copy;
+        fine RSO patches included, interpolated onto the working grid)."""
+        return None if not self._done else self._effective_field(self._done[-1]).detach().clone()
 
     # ------------------------------------------------------------------ steps
     def general(self, progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> RegistrationResult:
         """The general model's prediction (a forward pass with the shipped / given weights)."""
+        return self._on_cpu_if_gpu_runs_out(lambda: self._general(progress, cancel), "the general model")
+
+    def _general(self, progress, cancel) -> RegistrationResult:
         scope = ProgressScope(progress, cancel=cancel)
         scope(0.0, "general model")
         started = time.perf_counter()
@@ -176,27 +201,46 @@ class DeepRegistrationSession:
             cancel: CancelToken | None = None) -> RegistrationResult:
         """Image-specific optimisation: fine-tune all weights on this pair, whole-image loss."""
         iterations = _check_iterations(iterations)
-        with self._restoring():
-            scope = ProgressScope(progress, cancel=cancel)
-            if not self._done:
-                self.general(scope.sub(0.0, 0.05))
-                scope = scope.sub(0.05, 1.0)
-            return self._optimise("iso", iterations, self._inside, None, None, scope)
+
+        def run():
+            with self._restoring():
+                scope = ProgressScope(progress, cancel=cancel)
+                if not self._done:
+                    self._general(scope.sub(0.0, 0.05), None)
+                    scope = scope.sub(0.05, 1.0)
+                return self._optimise("iso", iterations, self._inside, None, None, scope)
+        return self._on_cpu_if_gpu_runs_out(run, "ISO")
 
     def rso(self, box: Box, iterations: int = 400, crop: bool = True, progress: ProgressCallback | None = None,
-            cancel: CancelToken | None = None) -> RegistrationResult:
-        """Region-specific optimisation: fine-tune all weights with the similarity inside ``box`` only."""
+            cancel: CancelToken | None = None, spacing_mm: float | None = None) -> RegistrationResult:
+        """Region-specific optimisation: fine-tune all weights with the similarity inside ``box`` only.
+
+        ``spacing_mm`` (cropped steps only; default the session's ``rso_spacing_mm``, or else the
+        finest spacing whose local grid stays within MAX_FINE_VOXELS, no finer than the fixed image
+        or a quarter of the working spacing): below the working spacing, the step refines the
+        current registration on a local grid of that spacing."""
         iterations = _check_iterations(iterations)
+        requested = spacing_mm if spacing_mm is not None else self.rso_spacing_mm
+        if requested is not None:
+            self._check_rso_spacing(requested)
         region = self.box_region(box)  # refuses bad boxes before any work
         for message in region.warnings:
             warnings.warn(message, stacklevel=2)
-        with self._restoring():
-            scope = ProgressScope(progress, cancel=cancel)
-            if not self._done:
-                self.general(scope.sub(0.0, 0.05))
-                scope = scope.sub(0.05, 1.0)
-            block = self._crop_for(region) if crop else None
-            return self._optimise("rso", iterations, region.mask, region, block, scope)
+
+        def run():
+            with self._restoring():
+                scope = ProgressScope(progress, cancel=cancel)
+                if not self._done:
+                    self._general(scope.sub(0.0, 0.05), None)
+                    scope = scope.sub(0.05, 1.0)
+                # the mask is rebuilt here so that it lives on the device the step runs on
+                step_region = self.box_region(box)
+                spacing = float(requested) if requested is not None else self._auto_rso_spacing(step_region)
+                if crop and spacing < self.working_spacing_mm - 1e-6:
+                    return self._optimise_fine(iterations, step_region, spacing, scope)
+                block = self._crop_for(step_region) if crop else None
+                return self._optimise("rso", iterations, step_region.mask, step_region, block, scope)
+        return self._on_cpu_if_gpu_runs_out(run, "RSO")
 
     def box_region(self, box: Box) -> _BoxRegion:
         """The working-grid voxels of ``box`` inside the fixed image; refuses boxes RSO cannot use."""
@@ -207,13 +251,14 @@ class DeepRegistrationSession:
             raise InvalidParameterError(
                 f"the box (centre {tuple(round(c, 1) for c in box.center)} mm, size "
                 f"{tuple(round(s, 1) for s in box.size)} mm) lies outside the fixed image; draw it on the image")
-        mask = box.mask(self.grid).to(self.device)[None, None] & self._inside
+        mask = box.mask(self.grid).to(self._inside.device)[None, None] & self._inside
         voxels = int(mask.sum())
         if voxels < MIN_BOX_VOXELS:
             raise InvalidParameterError(
                 f"the box covers only {voxels} voxel(s) of the {self.working_spacing_mm:g} mm working grid inside the "
-                f"fixed image; RSO needs at least {MIN_BOX_VOXELS}: draw it at least "
-                f"{2 * self.working_spacing_mm:g} mm wide along every axis")
+                f"fixed image{' and its mask' if self._masked else ''}; RSO needs at least {MIN_BOX_VOXELS}: draw it "
+                f"{'inside the mask and ' if self._masked else ''}at least {2 * self.working_spacing_mm:g} mm wide "
+                "along every axis")
         messages = []
         if fraction < 0.999:
             messages.append(f"the box extends outside the fixed image; it was clipped to the {100 * fraction:.0f}% "
@@ -226,7 +271,7 @@ class DeepRegistrationSession:
             return None
         region = self.box_region(box)
         with torch.no_grad():
-            return float(self._similarity_of(self._done[-1].field, region.mask))
+            return float(self._similarity_of(self._effective_field(self._done[-1]), region.mask))
 
     # ------------------------------------------------------------------ optimisation
     def _optimise(self, kind: str, iterations: int, mask: torch.Tensor, region: _BoxRegion | None,
@@ -241,9 +286,9 @@ class DeepRegistrationSession:
         optimiser = make_adam(self.model, self.learning_rate)
         if block is not None:
             sl = (slice(None), slice(None)) + block.slices
-            pair, fixed_block, mask_block, offset = self._pair[sl], self._fixed_w[sl], mask[sl], block.start
+            pair, fixed_block, mask_block, offset = self._pair[sl], self._fixed_sim[sl], mask[sl], block.start
         else:
-            pair, fixed_block, mask_block, offset = self._pair, self._fixed_w, mask, (0, 0, 0)
+            pair, fixed_block, mask_block, offset = self._pair, self._fixed_sim, mask, (0, 0, 0)
         curve: list[float] = []
         label = "ISO" if kind == "iso" else "RSO"
         try:
@@ -251,7 +296,7 @@ class DeepRegistrationSession:
             for i in range(iterations):
                 optimiser.zero_grad(set_to_none=True)
                 out = self.model(pair)
-                warped = warp_on_grid(self._moving_w, out, offset)
+                warped = warp_on_grid(self._moving_sim, out, offset)
                 similarity = self.similarity(warped, fixed_block, mask_block)
                 loss = similarity + self.smoothness_weight * smoothness(out)
                 loss.backward()
@@ -281,8 +326,77 @@ class DeepRegistrationSession:
                 "box_voxels_working": region.voxels, "box_inside_fraction": region.inside_fraction,
                 "crop": list(block.shape) if block is not None else None, "warnings": list(region.warnings)})
         step = RegistrationStep(kind, seconds=seconds, iterations=iterations, figures=figures)
-        self._push(_State(_clone_weights(self.model), new_field.detach(), step))
+        patches = previous.patches if region is not None else ()  # ISO's output replaces everything
+        self._push(_State(_clone_weights(self.model), new_field.detach(), step, patches=patches))
         scope(1.0, f"{label} done")
+        return self.current()
+
+    def _optimise_fine(self, iterations: int, region: _BoxRegion, spacing: float,
+                       scope: ProgressScope) -> RegistrationResult:
+        """RSO on a local grid of ``spacing`` mm around the box: the network sees (fixed, moving warped by
+        the current registration) and learns a residual; see :mod:`.fine_patch`."""
+        previous = self._done[-1]
+        started = time.perf_counter()
+        current = self._result_of(previous).transform
+        grid = local_grid(region.box, spacing, self._crop_margin_mm(region), self.grid.direction)
+        dev = self._inside.device
+        fixed_local = resample_onto(self._fixed_norm.data[None], self.fixed.geometry, grid).to(dev)
+        moving_local = resample_onto(self._moving_norm.data[None], self.moving.geometry, grid, current).to(dev)
+        if self.similarity.kind == "disa":  # the descriptor maps, brought onto the local grid the same way
+            fixed_sim = resample_onto(self._fixed_sim[0], self.grid, grid).to(dev)
+            moving_sim = resample_onto(self._moving_sim[0], self.grid, grid, current).to(dev)
+        else:
+            fixed_sim, moving_sim = fixed_local, moving_local
+        counted = resample_onto(self._inside[0].float(), self.grid, grid, interpolation="nearest")[0, 0] > 0
+        mask = (region.box.mask(grid) & counted).to(dev)[None, None]
+        if int(mask.sum()) < MIN_BOX_VOXELS:
+            raise InvalidParameterError(f"the box covers fewer than {MIN_BOX_VOXELS} voxels of the {spacing:g} mm "
+                                        "refinement grid inside the fixed image; draw it larger")
+        pair = torch.cat([fixed_local, moving_local], dim=1)
+        self._load_weights(previous.weights)
+        self.model.train()
+        optimiser = make_adam(self.model, self.learning_rate)
+        curve: list[float] = []
+        try:
+            with torch.no_grad():
+                start = self.model(pair)  # the residual is measured from here: the step starts where we are
+                before = float(self.similarity(moving_sim, fixed_sim, mask))
+            scope(0.0, f"RSO 0/{iterations} at {spacing:g} mm")
+            for i in range(iterations):
+                optimiser.zero_grad(set_to_none=True)
+                residual = self.model(pair) - start
+                similarity = self.similarity(warp_on_grid(moving_sim, residual), fixed_sim, mask)
+                loss = similarity + self.smoothness_weight * smoothness(residual)
+                loss.backward()
+                optimiser.step()
+                curve.append(float(similarity.detach()))
+                scope((i + 1) / (iterations + 1), f"RSO {i + 1}/{iterations} at {spacing:g} mm  loss {curve[-1]:.4g}")
+            with torch.no_grad():
+                residual = self.model(pair) - start
+                after = float(self.similarity(warp_on_grid(moving_sim, residual), fixed_sim, mask))
+            if scope.cancel is not None:
+                scope.cancel.raise_if_cancelled()
+        except BaseException:
+            self._load_weights(previous.weights)
+            raise
+        finally:
+            self.model.eval()
+        change = change_of_displacement(residual, current, grid)
+        patch = FinePatch(grid, change, region.box, self._transition_mm(region.box))
+        seconds = time.perf_counter() - started
+        figures: dict[str, Any] = {
+            "kind": "rso", "loss_curve": curve, "seconds_per_iteration": seconds / max(1, iterations),
+            "local_grid_loss_before": before, "local_grid_loss_after": after, "refine_spacing_mm": spacing,
+            "box": {"center": list(region.box.center), "size": list(region.box.size), "axes": list(region.box.axes)},
+            "box_voxels_working": region.voxels, "box_inside_fraction": region.inside_fraction,
+            "crop": list(grid.shape), "warnings": list(region.warnings), **self._common_figures()}
+        state = _State(_clone_weights(self.model), previous.field, None, patches=previous.patches + (patch,))  # type: ignore[arg-type]
+        with torch.no_grad():
+            figures["in_box_loss_before"] = float(self._similarity_of(self._effective_field(previous), region.mask))
+            figures["in_box_loss_after"] = float(self._similarity_of(self._effective_field(state), region.mask))
+        state.step = RegistrationStep("rso", seconds=seconds, iterations=iterations, figures=figures)
+        self._push(state)
+        scope(1.0, "RSO done")
         return self.current()
 
     def _compose(self, old: torch.Tensor, out: torch.Tensor, region: _BoxRegion | None, block: Crop | None) -> torch.Tensor:
@@ -303,32 +417,58 @@ class DeepRegistrationSession:
 
     def _blend_weight(self, box: Box) -> torch.Tensor:
         """1 inside the box, falling linearly to 0 at ``transition`` mm from it: [1, 1, D, H, W]."""
-        axes = torch.as_tensor(box.axes_matrix, dtype=torch.float64)
-        local = (self._points - torch.as_tensor(box.center, dtype=torch.float64)) @ axes
-        excess = (local.abs() - torch.as_tensor(box.size, dtype=torch.float64) / 2).clamp_min(0)
-        distance = torch.linalg.norm(excess, dim=-1)
-        weight = (1.0 - distance / self._transition_mm(box)).clamp(0.0, 1.0)
-        return weight.float()[None, None]
+        return box.falloff(self._points, self._transition_mm(box)).float()[None, None]
 
-    def _crop_for(self, region: _BoxRegion) -> Crop:
-        """The block of the working grid the network sees for a cropped RSO: box + the largest current
-        displacement in it + the blend band + context, rounded to multiples of 16."""
+    def _crop_margin_mm(self, region: _BoxRegion) -> float:
+        """How far the network's view must reach beyond the box: the largest current displacement in
+        it + the blend band + context."""
         field_now = self._done[-1].field if self._done else None
         largest = 0.0
         if field_now is not None:
             lengths = torch.linalg.norm(field_now, dim=1, keepdim=True) * self.working_spacing_mm
             largest = float(lengths[region.mask].max()) if bool(region.mask.any()) else 0.0
-        margin = largest + self._transition_mm(region.box) + CROP_CONTEXT_MM
-        bounds = region.box.index_bounds(self.grid, margin)
+        return largest + self._transition_mm(region.box) + CROP_CONTEXT_MM
+
+    def _crop_for(self, region: _BoxRegion) -> Crop:
+        """The block of the working grid the network sees for a cropped RSO: box + margin
+        (:meth:`_crop_margin_mm`), rounded to multiples of 16."""
+        bounds = region.box.index_bounds(self.grid, self._crop_margin_mm(region))
         if bounds is None:  # cannot happen for a validated box; fall back to the whole grid
             return Crop((0, 0, 0), self.grid.shape)
         return crop_around(bounds, self.grid.shape)
 
     def _similarity_of(self, field_voxels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        warped = warp_on_grid(self._moving_w, field_voxels)
-        return self.similarity(warped, self._fixed_w, mask)
+        warped = warp_on_grid(self._moving_sim, field_voxels)
+        return self.similarity(warped, self._fixed_sim, mask)
 
     # ------------------------------------------------------------------ helpers
+    def _on_cpu_if_gpu_runs_out(self, step, what: str):
+        """Run ``step``; if the GPU runs out of memory, move the whole session (network, images,
+        every kept state) to the CPU with a warning and run it once more there.  The failed attempt
+        changed nothing: each step restores the state from before it on any exception."""
+        try:
+            return step()
+        except torch.cuda.OutOfMemoryError:
+            if self.device.type == "cpu":
+                raise
+            warnings.warn(f"GPU out of memory during {what} on the {self.working_spacing_mm:g} mm working grid "
+                          f"{self.grid.shape}; the session continues on the CPU (slower)", RuntimeWarning, stacklevel=3)
+            self._move_to(torch.device("cpu"))
+            return step()
+
+    def _move_to(self, device: torch.device) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.device = device
+        self.model.to(device)
+        self._fixed_w, self._moving_w = self._fixed_w.to(device), self._moving_w.to(device)
+        self._pair, self._inside = self._pair.to(device), self._inside.to(device)
+        self._fixed_sim, self._moving_sim = self._fixed_sim.to(device), self._moving_sim.to(device)
+        for state in self._done + self._undone:
+            state.field = state.field.to(device)
+            state.weights = {k: v.to(device) for k, v in state.weights.items()}
+        self._initial_weights = {k: v.to(device) for k, v in self._initial_weights.items()}
+
     def _common_figures(self) -> dict:
         return {"similarity": self.similarity.kind, "smoothness_weight": self.smoothness_weight,
                 "working_spacing_mm": self.working_spacing_mm, "working_grid": list(self.grid.shape),
@@ -352,8 +492,41 @@ class DeepRegistrationSession:
     def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(weights)
 
+    def _effective_field(self, state: _State) -> torch.Tensor:
+        """The state's displacement on the working grid (voxels) with its fine patches added: what the
+        working-grid losses of :meth:`in_box_loss` and the step figures measure."""
+        if not state.patches:
+            return state.field
+        mm = voxels_to_mm(state.field.detach().double().cpu(), self.grid)[0].permute(1, 2, 3, 0)
+        for patch in state.patches:
+            mm = mm + patch.weighted_change(self._points)
+        return mm_to_voxels(mm.permute(3, 0, 1, 2)[None], self.grid).to(state.field)
+
+    def _result_of(self, state: _State) -> RegistrationResult:
+        if state.result is None:
+            state.result = self._make_result(state)
+        return state.result
+
+    def _auto_rso_spacing(self, region: _BoxRegion) -> float:
+        spacing = max(min(self.fixed.geometry.spacing), FINEST_FRACTION_OF_WORKING * self.working_spacing_mm)
+        margin = self._crop_margin_mm(region)
+        while spacing < self.working_spacing_mm and local_grid(
+                region.box, spacing, margin, self.grid.direction).voxel_count() > MAX_FINE_VOXELS:
+            spacing *= 1.1
+        return min(spacing, self.working_spacing_mm)
+
+    def _check_rso_spacing(self, spacing_mm: float) -> float:
+        if not (isinstance(spacing_mm, (int, float)) and math.isfinite(spacing_mm) and spacing_mm > 0):
+            raise InvalidParameterError(f"the RSO spacing must be a positive number of mm, got {spacing_mm!r}")
+        if spacing_mm > self.working_spacing_mm + 1e-6:
+            raise InvalidParameterError(f"the RSO spacing ({spacing_mm:g} mm) cannot be coarser than the working grid "
+                                        f"({self.working_spacing_mm:g} mm)")
+        return float(spacing_mm)
+
     def _make_result(self, state: _State) -> RegistrationResult:
         transform = field_to_fixed(state.field.cpu(), self.grid, self.fixed.geometry)
+        for patch in state.patches:
+            transform = patch.blend_into(transform)
         warped = warp_volume(self.moving.float(), transform, self.fixed.geometry)
         figures = dict(state.step.figures)
         history = list(self._loaded_history) + [s.step for s in self._done[: self._done.index(state) + 1]]
@@ -372,11 +545,14 @@ class DeepRegistrationSession:
         out.mkdir(parents=True, exist_ok=True)
         state = self._done[-1]
         with atomic_output(out / SESSION_FILE) as tmp:
-            torch.save({"weights": {k: v.cpu() for k, v in state.weights.items()}, "field": state.field.cpu()}, tmp)
+            # ``inside`` carries a fixed mask given at registration on to later refinements
+            torch.save({"weights": {k: v.cpu() for k, v in state.weights.items()}, "field": state.field.cpu(),
+                        "inside": self._inside.cpu(), "patches": [p.to_dict() for p in state.patches]}, tmp)
         meta = {
             "format": 1, "weights_source": None if self.weights_source in (None, "state_dict") else str(self.weights_source),
             "similarity": self.similarity.kind, "smoothness_weight": self.smoothness_weight,
             "learning_rate": self.learning_rate, "seed": self.seed, "working_spacing_mm": self.working_spacing_mm,
+            "rso_spacing_mm": self.rso_spacing_mm,
             "fixed_geometry": _geometry_dict(self.fixed.geometry), "moving_geometry": _geometry_dict(self.moving.geometry),
             "history": [{"name": s.name, "seconds": s.seconds, "iterations": s.iterations, "figures": s.figures}
                         for s in self.history]}
@@ -404,7 +580,7 @@ class DeepRegistrationSession:
                                             "(its grid differs); pass the same fixed and moving images")
         settings = dict(weights=meta["weights_source"], similarity=meta["similarity"], seed=meta["seed"],
                         working_spacing_mm=meta["working_spacing_mm"], smoothness_weight=meta["smoothness_weight"],
-                        learning_rate=meta["learning_rate"])
+                        learning_rate=meta["learning_rate"], rso_spacing_mm=meta.get("rso_spacing_mm"))
         settings.update(overrides)
         session = cls(fixed, moving, device=device, **settings)
         saved = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -413,8 +589,12 @@ class DeepRegistrationSession:
         weights = {k: v.to(session.device) for k, v in saved["weights"].items()}
         records = [RegistrationStep(r["name"], r["seconds"], r["iterations"], r["figures"]) for r in meta["history"]]
         session._loaded_history = records[:-1]  # earlier steps: records only (undo cannot go back into them)
-        session._push(_State(weights, saved["field"].to(session.device), records[-1]))
+        patches = tuple(FinePatch.from_dict(p) for p in saved.get("patches", []))
+        session._push(_State(weights, saved["field"].to(session.device), records[-1], patches=patches))
         session._load_weights(weights)
+        if "inside" in saved and "fixed_mask" not in overrides:
+            session._inside = saved["inside"].to(session.device)
+            session._masked = not bool(session._inside.equal(_inside_mask(session.grid, fixed.geometry)[None, None]))
         return session
 
     def __repr__(self) -> str:
@@ -456,6 +636,23 @@ def _inside_mask(grid: ImageGeometry, fixed: ImageGeometry) -> torch.Tensor:
     index = points @ m[:3, :3].T + m[:3, 3]
     size = torch.as_tensor(fixed.size_xyz, dtype=torch.float64)
     return ((index >= -0.5) & (index < size - 0.5)).all(dim=-1)
+
+
+def _mask_on_grid(mask: Volume, grid: ImageGeometry) -> torch.Tensor:
+    """A user mask (non-zero = inside) on the working grid, nearest neighbour; refused when empty there."""
+    from ..errors import InvalidImageError
+    from ..transforms.linear import AffineTransform
+    from ..transforms.resample import resample_tensor
+
+    if not isinstance(mask, Volume):
+        raise InvalidParameterError("the fixed mask must be a volume with its geometry")
+    identity = AffineTransform.identity(dtype=torch.float64)
+    on_grid = resample_tensor((mask.data != 0).float()[None], mask.geometry, identity, grid,
+                              interpolation="nearest")[0, 0] > 0
+    if not bool(on_grid.any()):
+        raise InvalidImageError(f"the fixed mask {mask.name or ''} has no voxel inside the fixed image on the "
+                                f"{grid.spacing[0]:g} mm working grid; check that it belongs to this image")
+    return on_grid
 
 
 def _fraction_inside(box: Box, fixed: ImageGeometry, n: int = 12) -> float:

@@ -107,9 +107,9 @@ def identity_grid(shape, device=None, dtype=torch.float32) -> torch.Tensor:
 
 def warp_on_grid(image: torch.Tensor, field_voxels: torch.Tensor, offset=(0, 0, 0),
                  base: torch.Tensor | None = None) -> torch.Tensor:
-    """The spatial transformer: ``image`` [B, 1, D, H, W] sampled at (index + offset + d) for a
+    """The spatial transformer: ``image`` [B, C, D, H, W] sampled at (index + offset + d) for a
     displacement ``field_voxels`` [B, 3, d, h, w] given on the sub-block starting at ``offset`` (z, y, x)
-    of the image's grid; 0 outside the image.  Returns [B, 1, d, h, w]; differentiable in the field."""
+    of the image's grid; 0 outside the image.  Returns [B, C, d, h, w]; differentiable in the field."""
     size_zyx = image.shape[2:]
     d, h, w = field_voxels.shape[2:]
     if base is None:
