@@ -83,6 +83,7 @@ PARAMETER_WIDGETS = {
     "autoRefineCheckBox": "QCheckBox",
     "rsoIterationsSpinBox": "QSpinBox",
     "rsoCropCheckBox": "QCheckBox",
+    "rsoSpacingSpinBox": "QDoubleSpinBox",
     "isoIterationsSpinBox": "QSpinBox",
     "ctVolumeSelector": "qMRMLNodeComboBox",
     "xrayVolumeSelector": "qMRMLNodeComboBox",

@@ -38,6 +38,8 @@ SETTINGS = {s.name: s for s in [
     Setting("IsoIterations", int, 100, (), "image-specific optimisation: iterations over the whole image"),
     Setting("RsoIterations", int, 400, (), "region-specific optimisation: iterations per box"),
     Setting("RsoCrop", bool, True, (), "region-specific optimisation on a crop around the box (faster)"),
+    Setting("RsoSpacing", float, 0.0, (), "spacing (mm) of the crop's grid; finer than the working grid refines the "
+            "registration there; 0 = automatic"),
     Setting("AutoRefine", bool, True, (), "start a refinement when the ROI's handles are released"),
     Setting("ShowMovingUnderTransform", bool, True, (), "place the moving volume under the result for review"),
     Setting("ComputeMaps", bool, True, (), "add review maps: local similarity, Jacobian determinant, displacement"),

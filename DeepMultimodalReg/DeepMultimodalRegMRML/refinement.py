@@ -139,7 +139,9 @@ class RoiRefinement:
         session = self.session
 
         def work(progress, cancel):
-            result = session.rso(box, count, crop=settings["RsoCrop"], progress=progress, cancel=cancel)
+            spacing = settings["RsoSpacing"] if settings["RsoSpacing"] > 0 else None  # 0 = automatic
+            result = session.rso(box, count, crop=settings["RsoCrop"], progress=progress, cancel=cancel,
+                                 spacing_mm=spacing)
             return result, self._maps(result, settings)
 
         return self._start(work, box, "rso")
