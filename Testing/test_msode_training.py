@@ -11,7 +11,7 @@ from DeepMultimodalRegLib.methods.registry import RegistrationOptions, get_metho
 from DeepMultimodalRegLib.msode.grids import working_grid
 from DeepMultimodalRegLib.msode.model import MSODE, MSODEConfig
 from DeepMultimodalRegLib.msode.solvers import parse_solvers
-from DeepMultimodalRegLib.training.msode_data import Anatomy, MotionSettings, make_batch
+from DeepMultimodalRegLib.training.msode_data import Anatomy, make_batch
 from DeepMultimodalRegLib.training.msode_train import MSODETrainingConfig, loss_terms, train_msode
 
 
@@ -133,4 +133,4 @@ def test_similarity_prefers_the_aligned_pair_across_contrasts():
     similarity_loss(x, b, "disa").backward()
     assert x.grad is not None and bool(torch.isfinite(x.grad).all())
     with pytest.raises(InvalidParameterError):
-        similarity_loss(a, b, "content")
+        similarity_loss(a, b, "mutual-information")

@@ -43,7 +43,7 @@ class MSODEConfig:
     width: int = 16
     #: B-spline intervals per axis over the working grid (8 → 32 mm knots at 4 mm × 64)
     mesh: int = 8
-    #: the similarity L_sim the weights were trained with (mind | disa)
+    #: the similarity L_sim the weights were trained with (mind | disa | content)
     similarity: str = "mind"
 
     def __post_init__(self) -> None:

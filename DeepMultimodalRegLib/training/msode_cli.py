@@ -23,6 +23,8 @@ def config_from_args(args) -> MSODETrainingConfig:
         config.rotation_deg = args.motion_deg
     if getattr(args, "motion_mm", None) is not None:
         config.translation_mm = args.motion_mm
+    if getattr(args, "similarity", None) is not None:
+        config.similarity = args.similarity
     if getattr(args, "learning_rate", None) is not None:
         config.learning_rate = args.learning_rate
     if args.minutes is not None and args.minutes <= 0:

@@ -14,6 +14,11 @@ import numpy as np
 from .publish import publish_weights
 
 
+#: how the card names each L_sim option of ``msode/similarity.py``
+SIMILARITY_NAMES = {"mind": "MIND-SSC SSD", "disa": "DISA descriptor dot product",
+                    "content": "content-feature distance of the msode_translation encoder, paper eq. 4"}
+
+
 def msode_model_card(summary: dict, benchmark: dict | None = None) -> str:
     c = summary["config"]
     v0, v = summary["initial_validation"], summary["final_validation"]
@@ -43,7 +48,7 @@ def msode_model_card(summary: dict, benchmark: dict | None = None) -> str:
         f"  U(±{c['translation_mm']} mm)" + (f"; B-spline control points N(0, {c['bspline_sigma_mm']} mm²)." if kind != "rigid" else "."),
         "",
         "## Training",
-        f"- Loss L_sim (MIND-SSC SSD, `{c['similarity']}`) + {c['lambda_self']}·L_self (transform error in mm² / "
+        f"- Loss L_sim ({SIMILARITY_NAMES.get(c['similarity'], c['similarity'])}, `{c['similarity']}`) + {c['lambda_self']}·L_self (transform error in mm² / "
         f"{c['self_scale_mm']}², cross-contrast pairs) + λ_reg·L_reg (λ_reg = {c['lambda_reg'] if c['lambda_reg'] is not None else {'rigid': 0, 'bspline': 2, 'dense': 10}[kind]}).",
         f"- Adam, learning rate {c['learning_rate']}, batch {c['batch']}, gradient norm clipped at {c['gradient_clip']}, seed {c['seed']}.",
         f"- Ran {summary['steps']} steps in {summary['seconds'] / 60:.1f} min on {summary['threads']} CPU threads shared with other jobs"

@@ -98,7 +98,8 @@ def loss_terms(model: MSODE, batch: TrainingBatch, config: MSODETrainingConfig, 
     """L_sim, L_self, L_reg (and the transform RMSE in mm) of one batch; differentiable."""
     theta, info, fields = model.solve(batch.pairs, solvers=solvers, backprop=config.backprop)
     warped = fields[-1].warp(theta)
-    l_sim = similarity_loss(warped, batch.pairs.fixed[-1], config.similarity)
+    l_sim = similarity_loss(warped, batch.pairs.fixed[-1], config.similarity,
+                            spacing_mm=fields[-1].fixed_geometry.spacing[0])
     points, u = mapped_points(model, fields, theta)
     sq = ((points - batch.truth_points) ** 2).sum(-1)
     w = batch.weight
