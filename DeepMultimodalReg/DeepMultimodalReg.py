@@ -108,6 +108,7 @@ ACTION_WIDGETS = {
     "showSimilarityButton": "QPushButton",
     "showJacobianButton": "QPushButton",
     "geometryPathLineEdit": "ctkPathLineEdit",
+    "sopiModelPathLineEdit": "ctkPathLineEdit",
     "register2d3dButton": "QPushButton",
     "showDrrButton": "QPushButton",
 }
@@ -228,6 +229,7 @@ class DeepMultimodalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.showJacobianButton.connect("clicked(bool)", lambda: self.onShow("JacobianMap"))
         # ctkPathLineEdit is not among slicer.util's parameter-bound widget classes: bound here
         self.ui.geometryPathLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
+        self.ui.sopiModelPathLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
         self.ui.register2d3dButton.connect("clicked(bool)", self.onRegister2D3DButton)
         self.ui.showDrrButton.connect("clicked(bool)", self.onShowDrr)
         self.ui.progressBar.setValue(0)
@@ -288,6 +290,7 @@ class DeepMultimodalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         try:
             slicer.util.updateParameterEditWidgetsFromNode(self._parameterEditWidgets, self._parameterNode)
             self.ui.geometryPathLineEdit.currentPath = self._parameterNode.GetParameter("GeometryFile")
+            self.ui.sopiModelPathLineEdit.currentPath = self._parameterNode.GetParameter("SopiModelDir")
             self._updateButtonStates()
         finally:
             self._updatingGUIFromParameterNode = False
@@ -299,6 +302,7 @@ class DeepMultimodalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         try:
             slicer.util.updateNodeFromParameterEditWidgets(self._parameterEditWidgets, self._parameterNode)
             self._parameterNode.SetParameter("GeometryFile", self.ui.geometryPathLineEdit.currentPath)
+            self._parameterNode.SetParameter("SopiModelDir", self.ui.sopiModelPathLineEdit.currentPath)
         finally:
             self._parameterNode.EndModify(wasModified)
         roi = self._parameterNode.GetNodeReference("RefinementROI")
@@ -531,6 +535,7 @@ class DeepMultimodalRegLogic(ScriptedLoadableModuleLogic):
             node.GetNodeReference("XRayVolume"),
             settings["GeometryFile"],
             method=settings["Method2D3D"],
+            model_dir=settings["SopiModelDir"],
             device=settings["Device"],
             seed=settings["Seed"],
             on_done=onDone,

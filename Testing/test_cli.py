@@ -188,3 +188,19 @@ def test_register_writes_the_design_outputs_and_recovers_a_known_motion(tmp_path
     estimate = read_transform(out / "transform.tfm")
     points = foreground_points(fixed, 1000)
     assert target_registration_error(estimate, truth, points)["mean_mm"] < 1.0
+
+
+def test_demo_deep_runs_general_iso_rso_on_the_ct_and_reports_in_box_errors(tmp_path, one_torch_thread):
+    """``deepmmreg demo --deep``: the interactive workflow on the sample chest CT (a few iterations
+    here), its step folders, the in-box errors against the known deformation, and the report section."""
+    out = tmp_path / "demo"
+    assert main(["demo", "-o", str(out), "--methods", "mind-rigid", "--deep", "--iso", "2", "--rso", "3"]) == 0
+    deep = json.loads((out / "summary.json").read_text())["deep_interactive"]
+    assert "error" not in deep, deep
+    assert list(deep["in_box"]) == ["general", "iso", "rso"]
+    for step, errors in deep["in_box"].items():
+        assert (out / deep["folder"] / step / "report.png").exists()
+        assert errors["rmse_hu"] > 0 and errors["displacement_error_mm"] > 0
+    assert (out / deep["folder"] / "rso" / "deep_session.json").exists()  # `deepmmreg refine` can continue it
+    page = (out / "index.html").read_text()
+    assert "Interactive deep refinement" in page and f"{deep['folder']}/rso/report.png" in page

@@ -23,7 +23,7 @@ from DeepMultimodalRegLib.sopi.register import render_drr  # noqa: E402
 from DeepMultimodalRegMRML.coordinates import lps_from_ras_points  # noqa: E402
 from DeepMultimodalRegMRML.logic2d3d import apply_2d3d, compute_2d3d, prepare_2d3d, start_2d3d  # noqa: E402
 from DeepMultimodalRegMRML.transform_nodes import transform_points_ras  # noqa: E402
-from DeepMultimodalRegMRML.volumes import node_from_volume  # noqa: E402
+from DeepMultimodalRegMRML.volumes import node_from_volume, volume_from_node  # noqa: E402
 
 TRUTH = np.array([4.0, -3.0, 5.0, 8.0, 3.0, -2.0])
 
@@ -97,3 +97,25 @@ def test_2d3d_off_the_gui_thread_and_bad_inputs(scene_inputs):
         prepare_2d3d(ct_node, xray_node, "")
     with pytest.raises(NotAvailableError):
         prepare_2d3d(ct_node, xray_node, geometry, method="sopi")
+
+
+def test_sopi_from_nodes_with_a_per_patient_model_folder(scene_inputs, tmp_path):
+    """`sopi` from the CT and X-ray nodes with a (tiny) model trained on that CT: pose, DRR and
+    transform nodes; a model for another CT is refused before any work."""
+    from DeepMultimodalRegLib.sopi.patient import structure_mask
+    from DeepMultimodalRegLib.training.sopi_train import SopiTrainingConfig, train_sopi
+
+    scene, ct_node, xray_node, geometry = scene_inputs
+    ct = volume_from_node(ct_node, "CT")
+    tiny = SopiTrainingConfig(rtpi_steps=3, fine_steps=2, detector=32, ct_mm=6.0, ct_cube=16, similarity_size=16,
+                              similarity_ct_mm=6.0, rtpi_batch=2, fine_batch=2, rtpi_width=8, fine_width=4,
+                              validation_cases=1, fine_iterations=2, checkpoint_every=5)
+    model = tmp_path / "sopi_model"
+    train_sopi(ct, structure_mask(ct), CarmGeometry(), model, tiny)
+    request = prepare_2d3d(ct_node, xray_node, geometry, method="sopi", device="cpu", model_dir=str(model))
+    outputs = apply_2d3d(scene, request, compute_2d3d(request))
+    assert outputs.summary.startswith("sopi:") and np.all(np.isfinite(outputs.result.pose))
+    assert outputs.drr_node.GetImageData().GetDimensions() == xray_node.GetImageData().GetDimensions()
+    other = node_from_volume(scene, ct.with_data(ct.data + 30.0, name="another CT"))
+    with pytest.raises(DeepMMRegError, match="trained for the CT"):
+        prepare_2d3d(other, xray_node, geometry, method="sopi", model_dir=str(model))

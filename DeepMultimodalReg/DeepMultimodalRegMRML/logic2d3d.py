@@ -21,7 +21,8 @@ from DeepMultimodalRegLib.image.volume import Volume
 from DeepMultimodalRegLib.progress import CancelToken
 from DeepMultimodalRegLib.sopi.geometry import CarmGeometry, read_geometry
 from DeepMultimodalRegLib.sopi.pose import POSE_KEYS, pose_to_dict
-from DeepMultimodalRegLib.sopi.register import METHODS_2D3D, require_method_available, validate_ct
+from DeepMultimodalRegLib.sopi.model_dir import load_model_dir
+from DeepMultimodalRegLib.sopi.register import LEARNED_METHODS, METHODS_2D3D, require_method_available, validate_ct
 from DeepMultimodalRegLib.sopi.xray import fit_geometry_to_xray
 
 from .jobs import BackgroundJob
@@ -40,6 +41,7 @@ class Request2D3D:
     ct_node_id: str
     xray_node_id: str
     optimizer_settings: Any = None  # the library's OptimizerSettings; None = its defaults
+    model_dir: Optional[str] = None  # per-patient SOPI networks (sopi, sopi+opt)
 
 
 @dataclass
@@ -51,11 +53,13 @@ class Outputs2D3D:
 
 
 def prepare_2d3d(ct_node, xray_node, geometry_file: str, method: str = "opt-gc", device: str = "auto",
-                 seed: int = 0, optimizer_settings=None) -> Request2D3D:
-    """Check and copy the inputs; errors before any heavy work."""
+                 seed: int = 0, optimizer_settings=None, model_dir: str = "") -> Request2D3D:
+    """Check and copy the inputs; errors before any heavy work (a SOPI model that does not fit the
+    CT or the C-arm is refused here too)."""
     if method not in METHODS_2D3D:
         raise InvalidParameterError(f"unknown 2D/3D method {method!r}; choose one of {', '.join(METHODS_2D3D)}")
-    require_method_available(method)
+    model_dir = model_dir or None
+    require_method_available(method, model_dir)
     if ct_node is None or xray_node is None:
         raise InvalidImageError("select both a CT volume and an X-ray image")
     if not geometry_file:
@@ -68,8 +72,10 @@ def prepare_2d3d(ct_node, xray_node, geometry_file: str, method: str = "opt-gc",
         raise InvalidImageError(f"the X-ray '{xray_node.GetName()}' has {xray.shape[0]} slices; a single 2D "
                                 "radiograph (one slice) is needed")
     geometry = fit_geometry_to_xray(read_geometry(geometry_file), tuple(xray.shape[1:]))
+    if method in LEARNED_METHODS:
+        load_model_dir(model_dir, ct, geometry)  # checks only; the worker loads it again
     return Request2D3D(method, ct, xray, geometry, device, seed, ct_node.GetID(), xray_node.GetID(),
-                       optimizer_settings)
+                       optimizer_settings, model_dir)
 
 
 def compute_2d3d(request: Request2D3D, progress: Optional[Callable] = None, cancel: Optional[CancelToken] = None):
@@ -77,7 +83,7 @@ def compute_2d3d(request: Request2D3D, progress: Optional[Callable] = None, canc
 
     return register_2d3d(request.ct, request.xray.data[0], request.geometry, method=request.method,
                          settings=request.optimizer_settings, device=request.device, seed=request.seed,
-                         progress=progress, cancel=cancel,
+                         progress=progress, cancel=cancel, model_dir=request.model_dir,
                          ct_name=request.ct.name, xray_name=request.xray.name)
 
 

@@ -45,6 +45,7 @@ SETTINGS = {s.name: s for s in [
     Setting("ComputeMaps", bool, True, (), "add review maps: local similarity, Jacobian determinant, displacement"),
     Setting("DeepWeights", str, "", (), "weights file of the general deep model (empty: the shipped network)"),
     Setting("GeometryFile", str, "", (), "C-arm geometry JSON for 2D/3D registration"),
+    Setting("SopiModelDir", str, "", (), "folder of the per-patient SOPI networks (sopi, sopi+opt)"),
     Setting("Method2D3D", str, "opt-gc", tuple(METHODS_2D3D),
             "2D/3D registration method (as `deepmmreg register2d3d --method` spells it)"),
 ]}

@@ -21,7 +21,7 @@ EXIT_USER_ERROR = 2
 
 REGISTER_METHODS = tuple(METHODS)  # the catalogue is import-light: runners load on first use
 METHODS_2D3D = ("sopi", "sopi+opt", "opt-gc", "opt-ncc", "opt-ngi")
-TRAINABLE = ("disa", "general", "msode", "sopi")
+TRAINABLE = ("disa", "general", "msode", "sopi", "translation")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--weights", type=Path, help="deep: general-model weights (default: the shipped `general`); msode-*: a trained MS-ODE model "
                         "(none ships yet)")
     r.add_argument("--working-spacing", type=float, help="deep: working grid spacing in mm (default: the model's)")
+    r.add_argument("--similarity", choices=("auto", "mse", "ncc", "disa"),
+                   help="deep: loss of ISO/RSO (default auto: mse for same-modality pairs, ncc otherwise; disa = "
+                        "DISA descriptors, for multimodal pairs)")
     # --- end rso
     # --- msode (issue 8)
     r.add_argument("--ode-solvers", help="msode-*: solvers per level in the paper's notation, e.g. "
@@ -64,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--mode", choices=("iso", "rso"), required=True)
     f.add_argument("--roi", type=_roi, help="box centre and size in fixed-image LPS mm: cx,cy,cz,sx,sy,sz")
     f.add_argument("--iterations", type=int)
+    f.add_argument("--rso-spacing", type=float,
+                   help="rso: spacing (mm) of the local grid around the box; finer than the working grid refines the "
+                        "current registration there (default: chosen per box, down to the fixed image's spacing)")
     _device_and_seed(f)
 
     x = sub.add_parser("register2d3d", help="register a CT to an X-ray (2D/3D)")
@@ -101,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-o", "--output", type=Path, default=Path("demo_output"))
     m.add_argument("--methods", type=_method_list, default=None,
                    help="comma-separated methods to run (default: disa-rigid,disa-affine,mind-rigid)")
+    m.add_argument("--deep", action="store_true",
+                   help="also run the interactive deep workflow (general → ISO → RSO) on the sample chest CT "
+                        "with a known deformation (a few minutes on a CPU)")
+    m.add_argument("--iso", type=int, default=100, help="ISO iterations of the --deep workflow (default 100)")
+    m.add_argument("--rso", type=int, default=400, help="RSO iterations of the --deep workflow (default 400)")
     _device_and_seed(m)
 
     s = sub.add_parser("models", help="list the shipped networks")
@@ -118,14 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init-weights", help="disa: fine-tune from these weights (a state_dict file)")
     t.add_argument("--aligned-probability", type=float, help="disa: chance that co-registered crops are aligned")
     t.add_argument("--aligned-jitter", type=int, help="disa: shift of aligned crops, voxels per axis (max)")
-    t.add_argument("--learning-rate", type=float, help="disa: peak learning rate")
+    t.add_argument("--learning-rate", type=float, help="disa: peak learning rate; msode, translation: Adam's rate")
     t.add_argument("--warmup-steps", type=int, help="disa: learning-rate warm-up steps")
     # --- msode (issue 8)
     t.add_argument("--kind", choices=("rigid", "bspline", "dense"), default="rigid",
                    help="msode: the parameterisation to train (default rigid)")
     t.add_argument("--motion-deg", type=float, help="msode: simulated rotations U(±this) per axis (default 75, the paper's)")
     t.add_argument("--motion-mm", type=float, help="msode: simulated translations U(±this) mm (default 20, the paper's)")
+    t.add_argument("--similarity", choices=("mind", "disa", "content"),
+                   help="msode: L_sim (default mind; content = the paper's learned content features, the shipped "
+                        "msode_translation encoder)")
     # --- end msode
+    t.add_argument("--labels", type=Path, help="sopi: the CT's label map (same grid); its spine (from a labels.csv "
+                   "beside it) or all its labels give the structure mask (default: bone by HU)")
     _device_and_seed(t)
     return p
 
@@ -200,6 +216,8 @@ def cmd_register(args) -> int:
             extra["weights"] = str(args.weights)
         if getattr(args, "working_spacing", None) is not None:
             extra["working_spacing_mm"] = args.working_spacing
+        if getattr(args, "similarity", None) is not None:
+            extra["similarity"] = args.similarity
         # --- end rso
         # --- msode (issue 8)
         if getattr(args, "ode_solvers", None):
@@ -233,7 +251,8 @@ def cmd_demo(args) -> int:
 
     bar = TqdmProgress("demo")
     try:
-        summary = run_demo(args.output, device=args.device, seed=args.seed, progress=bar, methods=args.methods)
+        summary = run_demo(args.output, device=args.device, seed=args.seed, progress=bar, methods=args.methods,
+                           deep=args.deep, deep_iterations=(args.iso, args.rso))
     finally:
         bar.close()
     for e in summary["results"]:
@@ -241,6 +260,13 @@ def cmd_demo(args) -> int:
             print(f"{e['method']:<34} not run: {e['error']}")
         else:
             print(f"{e['method']:<34} mean TRE {e['tre']['mean_mm']:6.2f} mm   {e.get('seconds', 0):6.1f} s")
+    deep = summary.get("deep_interactive")
+    if deep and "error" in deep:
+        print(f"interactive deep workflow not run: {deep['error']}")
+    elif deep:
+        for step, e in deep["in_box"].items():
+            print(f"deep {step:<29} in-box RMSE {e['rmse_hu']:6.0f} HU   displacement error "
+                  f"{e['displacement_error_mm']:5.2f} mm   {e['seconds']:6.1f} s")
     print(f"report: {Path(args.output) / 'index.html'}")
     return 0
 
@@ -271,7 +297,15 @@ def cmd_train(args) -> int:
         from ..training.msode_cli import cli_train_msode
 
         return cli_train_msode(args)
+    if args.what == "translation":  # the translation model behind MS-ODE's learned similarity
+        from ..training.translation_cli import cli_train_translation
+
+        return cli_train_translation(args)
     # --- end msode
+    if args.what == "sopi":
+        from ..training.sopi_cli import cli_train_sopi
+
+        return cli_train_sopi(args)
     if args.what != "disa":
         return cmd_not_available(args)
     from ..fileio import check_output_dir
@@ -330,7 +364,7 @@ def cmd_register2d3d(args) -> int:
     from ..sopi.register import register_2d3d, require_method_available
     from ..sopi.xray import fit_geometry_to_xray, read_xray
 
-    require_method_available(args.method)  # sopi / sopi+opt fail here, before any file is read
+    require_method_available(args.method, args.model)  # sopi / sopi+opt without --model fail before reading
     out = check_output_dir(args.output, [args.ct, args.xray, args.geometry])
     geometry = read_geometry(args.geometry)
     xray, dicom_geometry = read_xray(args.xray)
@@ -349,7 +383,7 @@ def cmd_register2d3d(args) -> int:
     try:
         result = register_2d3d(ct, xray, geometry, args.method, init_pose=args.init_pose, settings=settings,
                                device=args.device, seed=args.seed, progress=bar, cancel=CancelToken(),
-                               ct_name=ct.name, xray_name=Path(args.xray).name)
+                               ct_name=ct.name, xray_name=Path(args.xray).name, model_dir=args.model)
     finally:
         bar.close()
     paths = result.save(out, protected=[args.ct, args.xray, args.geometry])

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..errors import InvalidParameterError
 from ..fileio import check_output_dir
 from ..progress import TqdmProgress
+from .budget_args import training_budget
 from .msode_train import MSODETrainingConfig, train_msode
 
 
@@ -15,10 +15,9 @@ def config_from_args(args) -> MSODETrainingConfig:
         config = MSODETrainingConfig(kind=kind, seed=args.seed, steps=3, batch=1, size=32, spacing_mm=8.0,
                                      levels=2, training_solvers="F(0.5)-F(1.0)", inference_solvers="F(0.5)-F(1.0)",
                                      validation_every=3, validation_batches=1, checkpoint_every=1, width=8)
-    if args.steps:
-        if args.steps < 1:
-            raise InvalidParameterError(f"--steps must be ≥ 1, got {args.steps}")
-        config.steps = args.steps
+    steps, config.max_minutes = training_budget(args)
+    if steps is not None:
+        config.steps = steps
     if getattr(args, "motion_deg", None) is not None:
         config.rotation_deg = args.motion_deg
     if getattr(args, "motion_mm", None) is not None:
@@ -27,9 +26,6 @@ def config_from_args(args) -> MSODETrainingConfig:
         config.similarity = args.similarity
     if getattr(args, "learning_rate", None) is not None:
         config.learning_rate = args.learning_rate
-    if args.minutes is not None and args.minutes <= 0:
-        raise InvalidParameterError(f"--minutes must be positive, got {args.minutes}")
-    config.max_minutes = args.minutes
     return config
 
 

@@ -53,7 +53,7 @@ def disa_model_card(summary: dict, benchmark: dict | None = None) -> str:
         "  voxelmorph test scan, LIDC-IDRI-0001; validation: Colin27, TotalSegmentator pelvis CT).",
         "",
         "## Sampler",
-        f"- Crops of 65³ voxels, sites every 4 voxels at ≥ 12 voxels from the faces (11³ per crop);",
+        "- Crops of 65³ voxels, sites every 4 voxels at ≥ 12 voxels from the faces (11³ per crop);",
         f"  {c['anchors_per_crop']} anchors per crop pair, picked ∝ local variance (radius 7), each paired with",
         "  every site of the other crop (dense loss); pair weights flatten the target histogram over [0, 1]",
         "  (10 bins, equal total weight), the paper's t-sampling in expectation. Validation pairs use the",

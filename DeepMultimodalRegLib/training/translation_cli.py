@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..errors import InvalidParameterError
 from ..fileio import check_output_dir
 from ..progress import TqdmProgress
+from .budget_args import training_budget
 from .translation_train import TranslationTrainingConfig, train_translation
 
 
@@ -14,15 +14,11 @@ def config_from_args(args) -> TranslationTrainingConfig:
         config = TranslationTrainingConfig(seed=args.seed, steps=3, batch=2, grid=48, spacing_mm=6.0, crop=32,
                                            width=8, content_channels=8, validation_every=3, validation_batches=1,
                                            checkpoint_every=1)
-    if args.steps is not None:
-        if args.steps < 1:
-            raise InvalidParameterError(f"--steps must be ≥ 1, got {args.steps}")
-        config.steps = args.steps
+    steps, config.max_minutes = training_budget(args)
+    if steps is not None:
+        config.steps = steps
     if getattr(args, "learning_rate", None) is not None:
         config.learning_rate = args.learning_rate
-    if args.minutes is not None and args.minutes <= 0:
-        raise InvalidParameterError(f"--minutes must be positive, got {args.minutes}")
-    config.max_minutes = args.minutes
     return config
 
 
