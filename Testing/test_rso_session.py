@@ -462,8 +462,9 @@ def test_fine_rso_starts_from_the_current_registration_and_changes_only_around_t
     assert float((fixed_grid_field(still) - before).norm(dim=0)[inside].max()) < 0.05  # mm
     session.undo()
     session.learning_rate = 3e-4
-    result = session.rso(box, 6, spacing_mm=WORKING_MM / 2)
+    result = session.rso(box, 6, spacing_mm=WORKING_MM / 2, smoothness_weight=0.05)
     f = result.figures
+    assert f["smoothness_weight"] == 0.05 and session.smoothness_weight != 0.05  # this step only
     assert f["in_box_loss_after"] < f["in_box_loss_before"]
     assert all(c % 16 == 0 for c in f["crop"])
     change = (fixed_grid_field(result) - before).norm(dim=0)

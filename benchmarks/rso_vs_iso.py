@@ -81,6 +81,11 @@ def run_case(name: str, args) -> dict:
     rso_crop = timed("rso_crop", lambda: session.rso(box, args.rso, crop=True, spacing_mm=session.working_spacing_mm))
     session.undo()
     rso_fine = timed("rso_fine", lambda: session.rso(box, args.rso, crop=True, spacing_mm=args.rso_spacing))
+    extra = {}
+    for weight in args.fine_smoothness:  # the fine crop again with other regulariser weights
+        session.undo()
+        extra[weight] = timed(f"rso_fine_smoothness_{weight:g}", lambda: session.rso(
+            box, args.rso, crop=True, spacing_mm=args.rso_spacing, smoothness_weight=weight))
     identity = DisplacementFieldTransform.zeros(grid)
     none = RegistrationResult("identity", identity, moving, fixed, moving)
     out["metrics"] = {
@@ -91,6 +96,8 @@ def run_case(name: str, args) -> dict:
         f"iso{args.iso_short}+rso{args.rso}_full": in_box_errors(rso_full, clean, truth, box),
         f"iso{args.iso_short}+rso{args.rso}_crop": in_box_errors(rso_crop, clean, truth, box),
         f"iso{args.iso_short}+rso{args.rso}_fine": in_box_errors(rso_fine, clean, truth, box),
+        **{f"iso{args.iso_short}+rso{args.rso}_fine_smoothness_{w:g}": in_box_errors(r, clean, truth, box)
+           for w, r in extra.items()},
         "truth (resampling floor)": in_box_errors(floor, clean, truth, box),
     }
     out["rso_spacing_mm"] = rso_fine.figures.get("refine_spacing_mm", session.working_spacing_mm)
@@ -129,6 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--iso-long", type=int, default=500)
     p.add_argument("--rso", type=int, default=400)
     p.add_argument("--box-mm", type=float, default=48.0)
+    p.add_argument("--fine-smoothness", type=lambda t: [float(v) for v in t.split(",")], default=[],
+                   help="also run the fine crop with these smoothness weights (comma-separated)")
     p.add_argument("--rso-spacing", type=float, default=None,
                    help="spacing (mm) of the fine RSO crop (default: the session's automatic choice)")
     p.add_argument("--weights", default=None, help="general-model weights (default: the shipped `general`)")

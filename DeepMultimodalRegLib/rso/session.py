@@ -212,13 +212,15 @@ class DeepRegistrationSession:
         return self._on_cpu_if_gpu_runs_out(run, "ISO")
 
     def rso(self, box: Box, iterations: int = 400, crop: bool = True, progress: ProgressCallback | None = None,
-            cancel: CancelToken | None = None, spacing_mm: float | None = None) -> RegistrationResult:
+            cancel: CancelToken | None = None, spacing_mm: float | None = None,
+            smoothness_weight: float | None = None) -> RegistrationResult:
         """Region-specific optimisation: fine-tune all weights with the similarity inside ``box`` only.
 
         ``spacing_mm`` (cropped steps only; default the session's ``rso_spacing_mm``, or else the
         finest spacing whose local grid stays within MAX_FINE_VOXELS, no finer than the fixed image
         or a quarter of the working spacing): below the working spacing, the step refines the
-        current registration on a local grid of that spacing."""
+        current registration on a local grid of that spacing.  ``smoothness_weight`` overrides the
+        session's for this step (e.g. a stronger one for a fine step; see docs/benchmarks.md)."""
         iterations = _check_iterations(iterations)
         requested = spacing_mm if spacing_mm is not None else self.rso_spacing_mm
         if requested is not None:
@@ -237,7 +239,7 @@ class DeepRegistrationSession:
                 step_region = self.box_region(box)
                 spacing = float(requested) if requested is not None else self._auto_rso_spacing(step_region)
                 if crop and spacing < self.working_spacing_mm - 1e-6:
-                    return self._optimise_fine(iterations, step_region, spacing, scope)
+                    return self._optimise_fine(iterations, step_region, spacing, scope, smoothness_weight)
                 block = self._crop_for(step_region) if crop else None
                 return self._optimise("rso", iterations, step_region.mask, step_region, block, scope)
         return self._on_cpu_if_gpu_runs_out(run, "RSO")
@@ -331,12 +333,13 @@ class DeepRegistrationSession:
         scope(1.0, f"{label} done")
         return self.current()
 
-    def _optimise_fine(self, iterations: int, region: _BoxRegion, spacing: float,
-                       scope: ProgressScope) -> RegistrationResult:
+    def _optimise_fine(self, iterations: int, region: _BoxRegion, spacing: float, scope: ProgressScope,
+                       smoothness_weight: float | None = None) -> RegistrationResult:
         """RSO on a local grid of ``spacing`` mm around the box: the network sees (fixed, moving warped by
         the current registration) and learns a residual; see :mod:`.fine_patch`."""
         previous = self._done[-1]
         started = time.perf_counter()
+        weight = self.smoothness_weight if smoothness_weight is None else float(smoothness_weight)
         current = self._result_of(previous).transform
         grid = local_grid(region.box, spacing, self._crop_margin_mm(region), self.grid.direction)
         dev = self._inside.device
@@ -366,7 +369,7 @@ class DeepRegistrationSession:
                 optimiser.zero_grad(set_to_none=True)
                 residual = self.model(pair) - start
                 similarity = self.similarity(warp_on_grid(moving_sim, residual), fixed_sim, mask)
-                loss = similarity + self.smoothness_weight * smoothness(residual)
+                loss = similarity + weight * smoothness(residual)
                 loss.backward()
                 optimiser.step()
                 curve.append(float(similarity.detach()))
@@ -389,7 +392,8 @@ class DeepRegistrationSession:
             "local_grid_loss_before": before, "local_grid_loss_after": after, "refine_spacing_mm": spacing,
             "box": {"center": list(region.box.center), "size": list(region.box.size), "axes": list(region.box.axes)},
             "box_voxels_working": region.voxels, "box_inside_fraction": region.inside_fraction,
-            "crop": list(grid.shape), "warnings": list(region.warnings), **self._common_figures()}
+            "crop": list(grid.shape), "warnings": list(region.warnings), **self._common_figures(),
+            "smoothness_weight": weight}
         state = _State(_clone_weights(self.model), previous.field, None, patches=previous.patches + (patch,))  # type: ignore[arg-type]
         with torch.no_grad():
             figures["in_box_loss_before"] = float(self._similarity_of(self._effective_field(previous), region.mask))
