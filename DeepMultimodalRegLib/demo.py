@@ -182,7 +182,7 @@ Target registration error (TRE) is measured against that known transform over br
 <table><tr><th>method</th><th>mean TRE (mm)</th><th>95th pct TRE (mm)</th><th>time (s)</th><th></th></tr>
 {''.join(rows)}</table>{images}</body></html>"""
     with atomic_output(out / "index.html") as tmp:
-        tmp.write_text(page)
+        tmp.write_text(page, encoding="utf-8")
 
 
 def _deep_section(deep: dict | None) -> str:

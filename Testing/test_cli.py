@@ -163,7 +163,7 @@ def test_demo_writes_a_report_and_the_peer_recovers_the_known_misalignment(tmp_p
         for name in ("warped.nii.gz", "report.json", "report.png"):
             assert (folder / name).exists()
         assert (folder / "transform.tfm").exists() or (folder / "transform.h5").exists()
-    assert "<table>" in (out / "index.html").read_text()
+    assert "<table>" in (out / "index.html").read_text(encoding="utf-8")
 
 
 def test_register_writes_the_design_outputs_and_recovers_a_known_motion(tmp_path, capsys):
@@ -202,5 +202,5 @@ def test_demo_deep_runs_general_iso_rso_on_the_ct_and_reports_in_box_errors(tmp_
         assert (out / deep["folder"] / step / "report.png").exists()
         assert errors["rmse_hu"] > 0 and errors["displacement_error_mm"] > 0
     assert (out / deep["folder"] / "rso" / "deep_session.json").exists()  # `deepmmreg refine` can continue it
-    page = (out / "index.html").read_text()
+    page = (out / "index.html").read_text(encoding="utf-8")
     assert "Interactive deep refinement" in page and f"{deep['folder']}/rso/report.png" in page

@@ -343,3 +343,14 @@ def test_metrics_follow_the_input_device():
     assert torch.allclose(lc2_at_points(a.cuda(), b.detach().cuda(), centres, centres, 3).cpu(),
                           lc2_at_points(a, b.detach(), centres, centres, 3), atol=1e-6)
     assert torch.allclose(mind_ssc(a.cuda()).cpu(), mind_ssc(a), atol=1e-5)
+
+
+def test_mind_ssc_of_a_flat_image_survives_flushed_denormals():
+    """The deep session's optimiser flushes denormal floats to zero process-wide (for speed); MIND's
+    variance floor must stay a normal float, or a flat image gives 0/0 = NaN descriptors."""
+    torch.set_flush_denormal(True)
+    try:
+        constant = mind_ssc(torch.full((6, 6, 6), 3.0))
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(constant, torch.ones_like(constant))

@@ -195,7 +195,7 @@ def test_training_writes_a_checked_model_folder_and_resumes(ct, model_dir, tmp_p
         assert (out / name).is_file(), name
     assert summary["rtpi_steps"] == 6 and summary["fine_steps"] == 3 and summary["finished"]
     assert summary["final_rtpi"] is not None and summary["final_fine"] is not None
-    card = (out / "model_card.md").read_text()
+    card = (out / "model_card.md").read_text(encoding="utf-8")
     assert "Validation" in card and "phantom" in card
     from DeepMultimodalRegLib.weights.manifest import sha256_of
 

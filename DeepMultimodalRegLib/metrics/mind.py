@@ -83,6 +83,9 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
     var = dist.mean(dim=1, keepdim=True)
     m = var.mean(dim=(2, 3, 4), keepdim=True).clamp_min(torch.finfo(var.dtype).tiny)
     var = torch.maximum(torch.minimum(var, MIND_VARIANCE_CLAMP[1] * m), MIND_VARIANCE_CLAMP[0] * m)
+    # a flat image gives var = a fraction of the smallest normal float, a denormal that becomes 0 once
+    # denormals are flushed (the deep session's optimiser turns that on process-wide): keep it normal
+    var = var.clamp_min(torch.finfo(var.dtype).tiny)
     return torch.exp(-dist / var)
 
 

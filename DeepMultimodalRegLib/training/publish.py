@@ -23,7 +23,7 @@ def publish_weights(weights: Path, name: str, method: str, card_text: str, descr
         shutil.copyfile(weights, tmp)
     card = weights_dir / f"{name}_card.md"
     with atomic_output(card) as tmp:
-        tmp.write_text(card_text)
+        tmp.write_text(card_text, encoding="utf-8")
     entry = ModelEntry(name=name, method=method, file=target.name, sha256=sha256_of(target),
                        parameters=int(sum(v.numel() for v in state.values() if v.dtype.is_floating_point)),
                        card=card.name, description=description)
