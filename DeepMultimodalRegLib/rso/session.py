@@ -204,10 +204,7 @@ class DeepRegistrationSession:
 
         def run():
             with self._restoring():
-                scope = ProgressScope(progress, cancel=cancel)
-                if not self._done:
-                    self._general(scope.sub(0.0, 0.05), None)
-                    scope = scope.sub(0.05, 1.0)
+                scope = self._scope_after_general(progress, cancel)
                 return self._optimise("iso", iterations, self._inside, None, None, scope)
         return self._on_cpu_if_gpu_runs_out(run, "ISO")
 
@@ -231,10 +228,7 @@ class DeepRegistrationSession:
 
         def run():
             with self._restoring():
-                scope = ProgressScope(progress, cancel=cancel)
-                if not self._done:
-                    self._general(scope.sub(0.0, 0.05), None)
-                    scope = scope.sub(0.05, 1.0)
+                scope = self._scope_after_general(progress, cancel)
                 # the mask is rebuilt here so that it lives on the device the step runs on
                 step_region = self.box_region(box)
                 spacing = float(requested) if requested is not None else self._auto_rso_spacing(step_region)
@@ -243,6 +237,15 @@ class DeepRegistrationSession:
                 block = self._crop_for(step_region) if crop else None
                 return self._optimise("rso", iterations, step_region.mask, step_region, block, scope)
         return self._on_cpu_if_gpu_runs_out(run, "RSO")
+
+    def _scope_after_general(self, progress, cancel) -> ProgressScope:
+        """The progress scope of a refinement step, after running the general model first when the
+        session has no registration yet (refinement without a prior registration starts from it)."""
+        scope = ProgressScope(progress, cancel=cancel)
+        if not self._done:
+            self._general(scope.sub(0.0, 0.05), None)
+            scope = scope.sub(0.05, 1.0)
+        return scope
 
     def box_region(self, box: Box) -> _BoxRegion:
         """The working-grid voxels of ``box`` inside the fixed image; refuses boxes RSO cannot use."""
