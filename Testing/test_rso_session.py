@@ -486,6 +486,7 @@ def test_fine_rso_survives_undo_save_and_load_and_a_coarse_rso_after_it(ct_pair,
     session.save(tmp_path)
     again = DeepRegistrationSession.load(tmp_path, fixed, moving, device="cpu")
     assert again.rso_spacing_mm == WORKING_MM / 2
+    assert again.fine_smoothness_weight == session.fine_smoothness_weight
     assert torch.allclose(fixed_grid_field(again.current()), fine, atol=1e-5)
     other = central_box(fixed, (40.0, 40.0, 40.0), shift=(-40.0, 0.0, 0.0))
     coarse = session.rso(other, 2, spacing_mm=WORKING_MM)  # the working-grid path keeps the fine patch

@@ -23,6 +23,8 @@ SIMILARITIES = ("mse", "ncc", "disa")
 NCC_KERNEL = 7
 #: default weight of the diffusion regulariser for each similarity (intensities in [0, 1])
 DEFAULT_SMOOTHNESS = {"mse": 0.01, "ncc": 0.5, "disa": 0.1}
+#: ... and of RSO steps on a finer local grid, where measured (mse: 0.1 beat 0.01 on both benchmark CTs)
+DEFAULT_FINE_SMOOTHNESS = {"mse": 0.1}
 
 # MONAI's DiffusionLoss indexes with a list (a torch deprecation warning each call, same result)
 warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")

@@ -44,7 +44,7 @@ from ..region import Box
 from ..result import RegistrationResult, RegistrationStep
 from ..transforms.resample import warp_volume
 from .fine_patch import FinePatch, change_of_displacement, local_grid, resample_onto
-from .losses import DEFAULT_SMOOTHNESS, Similarity, disa_targets, smoothness
+from .losses import DEFAULT_FINE_SMOOTHNESS, DEFAULT_SMOOTHNESS, Similarity, disa_targets, smoothness
 from .prepare import guess_modality, normalise
 from .weights import load_general_model
 from .working_grid import (Crop, choose_spacing, crop_around, field_to_fixed, mm_to_voxels, to_working, voxels_to_mm,
@@ -87,7 +87,8 @@ class DeepRegistrationSession:
     def __init__(self, fixed: Volume, moving: Volume, *, weights=None, device: str = "auto",
                  similarity: str = "auto", seed: int = 0, working_spacing_mm: float | None = None,
                  smoothness_weight: float | None = None, learning_rate: float = 3e-4,
-                 fixed_mask: Volume | None = None, rso_spacing_mm: float | None = None):
+                 fixed_mask: Volume | None = None, rso_spacing_mm: float | None = None,
+                 fine_smoothness_weight: float | None = None):
         validate_registration_input(fixed, "fixed", method="deep")
         validate_registration_input(moving, "moving", method="deep")
         if working_spacing_mm is not None and not (math.isfinite(working_spacing_mm) and working_spacing_mm > 0):
@@ -106,6 +107,14 @@ class DeepRegistrationSession:
             similarity = "mse" if self.fixed_modality == self.moving_modality else "ncc"
         self.similarity = Similarity(similarity)
         self.smoothness_weight = DEFAULT_SMOOTHNESS[similarity] if smoothness_weight is None else float(smoothness_weight)
+        #: regulariser weight of fine RSO steps (measured: 10× the mse default does better on both
+        #: benchmark CTs, docs/benchmarks.md); other similarities keep the session's weight
+        if fine_smoothness_weight is not None:
+            self.fine_smoothness_weight = float(fine_smoothness_weight)
+        elif smoothness_weight is None and similarity in DEFAULT_FINE_SMOOTHNESS:
+            self.fine_smoothness_weight = DEFAULT_FINE_SMOOTHNESS[similarity]
+        else:
+            self.fine_smoothness_weight = self.smoothness_weight
         self.learning_rate = float(learning_rate)
         self.working_spacing_mm = choose_spacing(fixed.geometry, working_spacing_mm, self.model.trained_spacing_mm)
         self.grid: ImageGeometry = working_geometry(fixed.geometry, self.working_spacing_mm)
@@ -342,7 +351,7 @@ class DeepRegistrationSession:
         the current registration) and learns a residual; see :mod:`.fine_patch`."""
         previous = self._done[-1]
         started = time.perf_counter()
-        weight = self.smoothness_weight if smoothness_weight is None else float(smoothness_weight)
+        weight = self.fine_smoothness_weight if smoothness_weight is None else float(smoothness_weight)
         current = self._result_of(previous).transform
         grid = local_grid(region.box, spacing, self._crop_margin_mm(region), self.grid.direction)
         dev = self._inside.device
@@ -559,7 +568,7 @@ class DeepRegistrationSession:
             "format": 1, "weights_source": None if self.weights_source in (None, "state_dict") else str(self.weights_source),
             "similarity": self.similarity.kind, "smoothness_weight": self.smoothness_weight,
             "learning_rate": self.learning_rate, "seed": self.seed, "working_spacing_mm": self.working_spacing_mm,
-            "rso_spacing_mm": self.rso_spacing_mm,
+            "rso_spacing_mm": self.rso_spacing_mm, "fine_smoothness_weight": self.fine_smoothness_weight,
             "fixed_geometry": _geometry_dict(self.fixed.geometry), "moving_geometry": _geometry_dict(self.moving.geometry),
             "history": [{"name": s.name, "seconds": s.seconds, "iterations": s.iterations, "figures": s.figures}
                         for s in self.history]}
@@ -587,7 +596,8 @@ class DeepRegistrationSession:
                                             "(its grid differs); pass the same fixed and moving images")
         settings = dict(weights=meta["weights_source"], similarity=meta["similarity"], seed=meta["seed"],
                         working_spacing_mm=meta["working_spacing_mm"], smoothness_weight=meta["smoothness_weight"],
-                        learning_rate=meta["learning_rate"], rso_spacing_mm=meta.get("rso_spacing_mm"))
+                        learning_rate=meta["learning_rate"], rso_spacing_mm=meta.get("rso_spacing_mm"),
+                        fine_smoothness_weight=meta.get("fine_smoothness_weight"))
         settings.update(overrides)
         session = cls(fixed, moving, device=device, **settings)
         saved = torch.load(state_path, map_location="cpu", weights_only=True)
