@@ -14,7 +14,7 @@ by the current registration and learns a *residual* on top of it:
   fading out over a transition band.  Keeping the change rather than D means that the parts of d
   the step did not touch are never re-interpolated: a step that changed nothing changes nothing.
 
-On the pelvis CT benchmark (8 mm working grid, 4 mm refinement) this is what made RSO's in-box
+On the pelvis CT benchmark (8 mm working grid, 2.4 mm refinement) this is what made RSO's in-box
 error drop below ISO's; see docs/benchmarks.md.
 """
 
