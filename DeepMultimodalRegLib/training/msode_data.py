@@ -29,7 +29,7 @@ from ..msode.warp import (BSplineBasis, apply_homogeneous, field_points, grid_po
                           sample_moving)
 from ..synthetic import synthesize_contrast
 from ..transforms.bspline import control_grid_for_domain
-from .scans import default_data_dir
+from .scans import default_data_dir, read_voxelmorph_npz
 
 
 @dataclass
@@ -53,14 +53,8 @@ def _read(path: Path) -> Volume:
 def raw_anatomies(data_dir: Path | None = None) -> list[tuple[str, Volume, Volume]]:
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     out = []
-    npz = data_dir / "mr_t1_seg_vxm" / "t1_seg.npz"
-    if not npz.exists():
-        raise ImageReadError(f"training scan not found at {npz}; pass --data-dir")
-    with np.load(npz) as d:
-        vol, seg = np.asarray(d["vol"], np.float32), np.asarray(d["seg"], np.int32)
-    geometry = ImageGeometry(shape=vol.shape)
-    out.append(("voxelmorph_t1", Volume(torch.from_numpy(vol), geometry, "voxelmorph_t1"),
-                Volume(torch.from_numpy(seg), geometry, "voxelmorph_seg")))
+    t1, seg = read_voxelmorph_npz(data_dir / "mr_t1_seg_vxm" / "t1_seg.npz")
+    out.append(("voxelmorph_t1", t1, seg))
     t1 = _read(data_dir / "mni152_2009a" / "t1.nii.gz")
     gm = _read(data_dir / "mni152_2009a" / "gm.nii.gz").data
     wm = _read(data_dir / "mni152_2009a" / "wm.nii.gz").data

@@ -48,15 +48,41 @@ def default_data_dir() -> Path:
     return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
+#: Where the voxelmorph scan's array axes point.  The npz stores no geometry, but its labels
+#: (FreeSurfer numbering) place it: left cerebral white matter (2) lies at higher axis-0 indices than
+#: the right one (41), the brainstem (16) at higher axis-1 indices than the white matter, the
+#: cerebellum (7) at lower axis-2 indices — FreeSurfer's conformed "LIA" orientation, 1 mm voxels.
+#: As the columns of a direction matrix in LPS (x = left, y = posterior, z = superior):
+#: axis 0 → +x, axis 1 → −z, axis 2 → −y.
+VOXELMORPH_AXES_LPS = ((1.0, 0.0, 0.0), (0.0, 0.0, -1.0), (0.0, -1.0, 0.0))
+
+
+def read_voxelmorph_npz(path: Path, name: str = "voxelmorph_t1") -> tuple[Volume, Volume]:
+    """The voxelmorph T1 and its label map as volumes on their physical LIA grid (1 mm, centred at
+    the origin), so resampling onto an LPS grid gives the same head orientation as every other scan.
+    Reading the raw arrays as (z, y, x) instead would put sagittal planes where axial ones belong."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"training scan {name} not found at {path}; pass --data-dir")
+    with np.load(path) as npz:
+        vol, seg = np.asarray(npz["vol"], np.float32), np.asarray(npz["seg"], np.int32)
+    # our arrays are indexed (k, j, i) with i the first physical axis: reverse the npz axes
+    vol, seg = np.ascontiguousarray(vol.transpose(2, 1, 0)), np.ascontiguousarray(seg.transpose(2, 1, 0))
+    columns = np.asarray(VOXELMORPH_AXES_LPS).T  # columns = directions of i, j, k
+    size_ijk = np.asarray(vol.shape[::-1], np.float64)
+    origin = -columns @ ((size_ijk - 1) / 2.0)
+    geometry = ImageGeometry(shape=vol.shape, origin=tuple(origin), direction=tuple(columns.reshape(-1)))
+    return (Volume(torch.from_numpy(vol), geometry, name=name),
+            Volume(torch.from_numpy(seg), geometry, name=name.replace("_t1", "") + "_seg"))
+
+
 def read_scan(spec: ScanSpec, data_dir: Path) -> Volume:
-    """Read a scan with its geometry (the voxelmorph npz has none: 1 mm isotropic, identity)."""
+    """Read a scan with its geometry (the voxelmorph npz has none: see :func:`read_voxelmorph_npz`)."""
     path = Path(data_dir) / spec.relative_path
     if not path.exists():
         raise ImageReadError(f"training scan {spec.name} not found at {path}; pass --data-dir")
     if path.suffix == ".npz":
-        with np.load(path) as npz:
-            array = np.asarray(npz["vol"], dtype=np.float32)
-        return Volume(torch.from_numpy(array), ImageGeometry(shape=array.shape), name=spec.name)
+        return read_voxelmorph_npz(path, spec.name)[0]
     from ..image.io import read_volume
 
     return read_volume(path, name=spec.name).float()
