@@ -299,9 +299,10 @@ def test_cli_register_deep_then_refine_iso_and_rso(ct_pair, tmp_path):
     c = fixed.geometry.center
     roi = f"{c[0]},{c[1]},{c[2]},50,50,50"
     assert main(["refine", str(f), str(m), "--init", str(tmp_path / "i"), "-o", str(tmp_path / "r"),
-                 "--mode", "rso", f"--roi={roi}", "--iterations", "2", "--device", "cpu"]) == 0
+                 "--mode", "rso", f"--roi={roi}", "--iterations", "2", "--device", "cpu", "--rso-similarity", "mse"]) == 0
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert [h["name"] for h in report["history"]] == ["general", "iso", "rso"]
+    assert report["figures"].get("fine_similarity") == "mse"  # the step ran on the finer local grid, with MSE
     assert report["figures"]["in_box_loss_after"] <= report["figures"]["in_box_loss_before"] * 1.5
     far = f"{c[0] + 3000},{c[1]},{c[2]},50,50,50"
     assert main(["refine", str(f), str(m), "--init", str(tmp_path / "i"), "-o", str(tmp_path / "x"),
@@ -487,6 +488,7 @@ def test_fine_rso_survives_undo_save_and_load_and_a_coarse_rso_after_it(ct_pair,
     again = DeepRegistrationSession.load(tmp_path, fixed, moving, device="cpu")
     assert again.rso_spacing_mm == WORKING_MM / 2
     assert again.fine_smoothness_weight == session.fine_smoothness_weight
+    assert again.fine_similarity.kind == session.fine_similarity.kind == "ncc"
     assert torch.allclose(fixed_grid_field(again.current()), fine, atol=1e-5)
     other = central_box(fixed, (40.0, 40.0, 40.0), shift=(-40.0, 0.0, 0.0))
     coarse = session.rso(other, 2, spacing_mm=WORKING_MM)  # the working-grid path keeps the fine patch
@@ -501,3 +503,29 @@ def test_fine_rso_survives_undo_save_and_load_and_a_coarse_rso_after_it(ct_pair,
     assert torch.equal(fixed_grid_field(session.current()), fine)
     with pytest.raises(InvalidParameterError, match="cannot be coarser"):
         session.rso(box, 2, spacing_mm=2 * WORKING_MM)
+
+
+def test_fine_steps_refine_an_mse_session_with_local_ncc_unless_told_otherwise(ct_pair, tmp_path):
+    """MSE sessions refine on the fine grid with local NCC at its own regulariser weight (the
+    benchmark's finding under CBCT-like intensity artefacts); an explicit choice is kept, saved and
+    can be changed when a saved session is continued; DISA needs a DISA session."""
+    from DeepMultimodalRegLib.errors import InvalidParameterError
+    from DeepMultimodalRegLib.rso import DeepRegistrationSession
+    from DeepMultimodalRegLib.rso.losses import DEFAULT_SMOOTHNESS
+
+    fixed, moving = ct_pair
+    session = make_session(ct_pair, similarity="mse", rso_spacing_mm=WORKING_MM / 2)
+    assert session.similarity.kind == "mse" and session.fine_similarity.kind == "ncc"
+    assert session.fine_smoothness_weight == DEFAULT_SMOOTHNESS["ncc"]
+    box = central_box(fixed, (48.0, 48.0, 48.0))
+    session.iso(1)
+    step = session.rso(box, 2).figures
+    assert step["fine_similarity"] == "ncc" and step["smoothness_weight"] == DEFAULT_SMOOTHNESS["ncc"]
+    session.save(tmp_path)
+    as_mse = DeepRegistrationSession.load(tmp_path, fixed, moving, device="cpu", fine_similarity="mse")
+    assert as_mse.fine_similarity is as_mse.similarity and as_mse.fine_smoothness_weight == 0.1
+    explicit = make_session(ct_pair, similarity="mse", fine_similarity="mse", fine_smoothness_weight=0.02)
+    assert explicit.fine_similarity.kind == "mse" and explicit.fine_smoothness_weight == 0.02
+    assert make_session(ct_pair, similarity="ncc", smoothness_weight=2.0).fine_smoothness_weight == DEFAULT_SMOOTHNESS["ncc"]
+    with pytest.raises(InvalidParameterError, match="DISA"):
+        make_session(ct_pair, similarity="mse", fine_similarity="disa")

@@ -12,7 +12,9 @@ For each case (chest CT LIDC-IDRI-0001, abdomen-pelvis CT):
   |warped − clean| above what the true transform itself leaves (its resampling floor) — the region
   ISO leaves misaligned, not merely the sharpest edges;
   from ISO(short), each undone before the next: RSO(``--rso``) on the whole image, on a crop of the
-  working grid, and on a crop at the finer ``--rso-spacing`` (a residual on the current registration).
+  working grid, and on a crop at the finer ``--rso-spacing`` (a residual on the current registration,
+  with the session's fine-step similarity: local NCC for this MSE session); ``--fine-similarity
+  mse:0.1`` and ``--fine-smoothness`` add the fine crop with other similarities / weights;
 * measured in the box: RMSE (HU) between warped moving and clean fixed, and the mean displacement
   error (mm) against the truth, also for the true transform (the floor); wall time per iteration.
 
@@ -35,6 +37,7 @@ sys.path.insert(0, str(REPO))
 from DeepMultimodalRegLib.image.io import read_volume  # noqa: E402
 from DeepMultimodalRegLib.rso import DeepRegistrationSession  # noqa: E402
 from DeepMultimodalRegLib.rso.demo import cbct_pair, in_box_errors, known_deformation, worst_box  # noqa: E402
+from DeepMultimodalRegLib.rso.losses import Similarity  # noqa: E402
 from DeepMultimodalRegLib.transforms.displacement import DisplacementFieldTransform  # noqa: E402
 from DeepMultimodalRegLib.transforms.linear import AffineTransform  # noqa: E402
 from DeepMultimodalRegLib.transforms.resample import warp_volume  # noqa: E402
@@ -84,8 +87,18 @@ def run_case(name: str, args) -> dict:
     extra = {}
     for weight in args.fine_smoothness:  # the fine crop again with other regulariser weights
         session.undo()
-        extra[weight] = timed(f"rso_fine_smoothness_{weight:g}", lambda: session.rso(
+        extra[f"fine_smoothness_{weight:g}"] = timed(f"rso_fine_smoothness_{weight:g}", lambda: session.rso(
             box, args.rso, crop=True, spacing_mm=args.rso_spacing, smoothness_weight=weight))
+    default_fine = session.fine_similarity
+    for kind, weight in args.fine_similarity:  # ... and with other similarities (kind:weight)
+        session.undo()
+        session.fine_similarity = Similarity(kind)
+        try:
+            extra[f"fine_{kind}_{weight:g}"] = timed(f"rso_fine_{kind}_{weight:g}", lambda: session.rso(
+                box, args.rso, crop=True, spacing_mm=args.rso_spacing, smoothness_weight=weight))
+        finally:
+            session.fine_similarity = default_fine
+    out["fine_similarity"] = {"kind": default_fine.kind, "smoothness_weight": session.fine_smoothness_weight}
     identity = DisplacementFieldTransform.zeros(grid)
     none = RegistrationResult("identity", identity, moving, fixed, moving)
     out["metrics"] = {
@@ -96,8 +109,8 @@ def run_case(name: str, args) -> dict:
         f"iso{args.iso_short}+rso{args.rso}_full": in_box_errors(rso_full, clean, truth, box),
         f"iso{args.iso_short}+rso{args.rso}_crop": in_box_errors(rso_crop, clean, truth, box),
         f"iso{args.iso_short}+rso{args.rso}_fine": in_box_errors(rso_fine, clean, truth, box),
-        **{f"iso{args.iso_short}+rso{args.rso}_fine_smoothness_{w:g}": in_box_errors(r, clean, truth, box)
-           for w, r in extra.items()},
+        **{f"iso{args.iso_short}+rso{args.rso}_{label}": in_box_errors(r, clean, truth, box)
+           for label, r in extra.items()},
         "truth (resampling floor)": in_box_errors(floor, clean, truth, box),
     }
     out["rso_spacing_mm"] = rso_fine.figures.get("refine_spacing_mm", session.working_spacing_mm)
@@ -138,6 +151,9 @@ def main(argv=None) -> int:
     p.add_argument("--box-mm", type=float, default=48.0)
     p.add_argument("--fine-smoothness", type=lambda t: [float(v) for v in t.split(",")], default=[],
                    help="also run the fine crop with these smoothness weights (comma-separated)")
+    p.add_argument("--fine-similarity", type=lambda t: [(v.split(":")[0], float(v.split(":")[1]))
+                                                        for v in t.split(",")], default=[],
+                   help="also run the fine crop with these similarities and regulariser weights, e.g. mse:0.1")
     p.add_argument("--rso-spacing", type=float, default=None,
                    help="spacing (mm) of the fine RSO crop (default: the session's automatic choice)")
     p.add_argument("--weights", default=None, help="general-model weights (default: the shipped `general`)")

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--rso-spacing", type=float,
                    help="rso: spacing (mm) of the local grid around the box; finer than the working grid refines the "
                         "current registration there (default: chosen per box, down to the fixed image's spacing)")
+    f.add_argument("--rso-similarity", choices=("mse", "ncc", "disa"),
+                   help="rso: similarity of steps on that finer grid, kept for later steps (default: ncc when the "
+                        "session registers with mse, else the session's own)")
     _device_and_seed(f)
 
     x = sub.add_parser("register2d3d", help="register a CT to an X-ray (2D/3D)")

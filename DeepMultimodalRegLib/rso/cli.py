@@ -21,7 +21,8 @@ def cmd_refine(args) -> int:
     box = Box(tuple(args.roi[:3]), tuple(args.roi[3:])) if args.roi is not None else None
     fixed = read_volume(args.fixed)
     moving = read_volume(args.moving)
-    session = DeepRegistrationSession.load(args.init, fixed, moving, device=args.device)
+    overrides = {"fine_similarity": args.rso_similarity} if getattr(args, "rso_similarity", None) else {}
+    session = DeepRegistrationSession.load(args.init, fixed, moving, device=args.device, **overrides)
     bar = TqdmProgress(f"refine {args.mode}")
     try:
         if args.mode == "iso":

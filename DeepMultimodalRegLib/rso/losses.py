@@ -23,7 +23,13 @@ SIMILARITIES = ("mse", "ncc", "disa")
 NCC_KERNEL = 7
 #: default weight of the diffusion regulariser for each similarity (intensities in [0, 1])
 DEFAULT_SMOOTHNESS = {"mse": 0.01, "ncc": 0.5, "disa": 0.1}
-#: ... and of RSO steps on a finer local grid, where measured (mse: 0.1 beat 0.01 on both benchmark CTs)
+#: similarity of RSO steps on a finer local grid, by the session's similarity.  MSE sessions refine
+#: with local NCC: under CBCT-like intensity shifts and cupping the box-only MSE optimum is pulled
+#: off the anatomy, NCC is blind to local affine intensity changes (measured on both benchmark CTs,
+#: docs/benchmarks.md, RSO section)
+DEFAULT_FINE_SIMILARITY = {"mse": "ncc"}
+#: ... and their regulariser weight where it differs from DEFAULT_SMOOTHNESS (mse, when asked for
+#: explicitly: 0.1 beat 0.01 on both benchmark CTs)
 DEFAULT_FINE_SMOOTHNESS = {"mse": 0.1}
 
 # MONAI's DiffusionLoss indexes with a list (a torch deprecation warning each call, same result)

@@ -44,7 +44,7 @@ from ..region import Box
 from ..result import RegistrationResult, RegistrationStep
 from ..transforms.resample import warp_volume
 from .fine_patch import FinePatch, change_of_displacement, local_grid, resample_onto
-from .losses import DEFAULT_FINE_SMOOTHNESS, DEFAULT_SMOOTHNESS, Similarity, disa_targets, smoothness
+from .losses import DEFAULT_FINE_SIMILARITY, DEFAULT_FINE_SMOOTHNESS, DEFAULT_SMOOTHNESS, Similarity, disa_targets, smoothness
 from .prepare import guess_modality, normalise
 from .weights import load_general_model
 from .working_grid import (Crop, choose_spacing, crop_around, field_to_fixed, mm_to_voxels, to_working, voxels_to_mm,
@@ -88,7 +88,7 @@ class DeepRegistrationSession:
                  similarity: str = "auto", seed: int = 0, working_spacing_mm: float | None = None,
                  smoothness_weight: float | None = None, learning_rate: float = 3e-4,
                  fixed_mask: Volume | None = None, rso_spacing_mm: float | None = None,
-                 fine_smoothness_weight: float | None = None):
+                 fine_smoothness_weight: float | None = None, fine_similarity: str | None = None):
         validate_registration_input(fixed, "fixed", method="deep")
         validate_registration_input(moving, "moving", method="deep")
         if working_spacing_mm is not None and not (math.isfinite(working_spacing_mm) and working_spacing_mm > 0):
@@ -107,14 +107,16 @@ class DeepRegistrationSession:
             similarity = "mse" if self.fixed_modality == self.moving_modality else "ncc"
         self.similarity = Similarity(similarity)
         self.smoothness_weight = DEFAULT_SMOOTHNESS[similarity] if smoothness_weight is None else float(smoothness_weight)
-        #: regulariser weight of fine RSO steps (measured: 10× the mse default does better on both
-        #: benchmark CTs, docs/benchmarks.md); other similarities keep the session's weight
+        #: similarity and regulariser weight of RSO steps on a finer local grid (see DEFAULT_FINE_SIMILARITY)
+        fine_kind = DEFAULT_FINE_SIMILARITY.get(similarity, similarity) if fine_similarity is None else fine_similarity
+        if fine_kind == "disa" and similarity != "disa":
+            raise InvalidParameterError("fine RSO steps can use DISA descriptors only in a session registering "
+                                        "with similarity 'disa' (its descriptor maps are made at the start)")
+        self.fine_similarity = self.similarity if fine_kind == similarity else Similarity(fine_kind)
         if fine_smoothness_weight is not None:
             self.fine_smoothness_weight = float(fine_smoothness_weight)
-        elif smoothness_weight is None and similarity in DEFAULT_FINE_SMOOTHNESS:
-            self.fine_smoothness_weight = DEFAULT_FINE_SMOOTHNESS[similarity]
-        else:
-            self.fine_smoothness_weight = self.smoothness_weight
+        else:  # its own default, not ``smoothness_weight``: finer grids measured better with stronger ones
+            self.fine_smoothness_weight = DEFAULT_FINE_SMOOTHNESS.get(fine_kind, DEFAULT_SMOOTHNESS[fine_kind])
         self.learning_rate = float(learning_rate)
         self.working_spacing_mm = choose_spacing(fixed.geometry, working_spacing_mm, self.model.trained_spacing_mm)
         self.grid: ImageGeometry = working_geometry(fixed.geometry, self.working_spacing_mm)
@@ -357,7 +359,8 @@ class DeepRegistrationSession:
         dev = self._inside.device
         fixed_local = resample_onto(self._fixed_norm.data[None], self.fixed.geometry, grid).to(dev)
         moving_local = resample_onto(self._moving_norm.data[None], self.moving.geometry, grid, current).to(dev)
-        if self.similarity.kind == "disa":  # the descriptor maps, brought onto the local grid the same way
+        similarity_of = self.fine_similarity
+        if similarity_of.kind == "disa":  # the descriptor maps, brought onto the local grid the same way
             fixed_sim = resample_onto(self._fixed_sim[0], self.grid, grid).to(dev)
             moving_sim = resample_onto(self._moving_sim[0], self.grid, grid, current).to(dev)
         else:
@@ -375,12 +378,12 @@ class DeepRegistrationSession:
         try:
             with torch.no_grad():
                 start = self.model(pair)  # the residual is measured from here: the step starts where we are
-                before = float(self.similarity(moving_sim, fixed_sim, mask))
+                before = float(similarity_of(moving_sim, fixed_sim, mask))
             scope(0.0, f"RSO 0/{iterations} at {spacing:g} mm")
             for i in range(iterations):
                 optimiser.zero_grad(set_to_none=True)
                 residual = self.model(pair) - start
-                similarity = self.similarity(warp_on_grid(moving_sim, residual), fixed_sim, mask)
+                similarity = similarity_of(warp_on_grid(moving_sim, residual), fixed_sim, mask)
                 loss = similarity + weight * smoothness(residual)
                 loss.backward()
                 optimiser.step()
@@ -388,7 +391,7 @@ class DeepRegistrationSession:
                 scope((i + 1) / (iterations + 1), f"RSO {i + 1}/{iterations} at {spacing:g} mm  loss {curve[-1]:.4g}")
             with torch.no_grad():
                 residual = self.model(pair) - start
-                after = float(self.similarity(warp_on_grid(moving_sim, residual), fixed_sim, mask))
+                after = float(similarity_of(warp_on_grid(moving_sim, residual), fixed_sim, mask))
             if scope.cancel is not None:
                 scope.cancel.raise_if_cancelled()
         except BaseException:
@@ -405,7 +408,7 @@ class DeepRegistrationSession:
             "box": {"center": list(region.box.center), "size": list(region.box.size), "axes": list(region.box.axes)},
             "box_voxels_working": region.voxels, "box_inside_fraction": region.inside_fraction,
             "crop": list(grid.shape), "warnings": list(region.warnings), **self._common_figures(),
-            "smoothness_weight": weight}
+            "smoothness_weight": weight, "fine_similarity": similarity_of.kind}
         state = _State(_clone_weights(self.model), previous.field, None, patches=previous.patches + (patch,))  # type: ignore[arg-type]
         with torch.no_grad():
             figures["in_box_loss_before"] = float(self._similarity_of(self._effective_field(previous), region.mask))
@@ -569,6 +572,7 @@ class DeepRegistrationSession:
             "similarity": self.similarity.kind, "smoothness_weight": self.smoothness_weight,
             "learning_rate": self.learning_rate, "seed": self.seed, "working_spacing_mm": self.working_spacing_mm,
             "rso_spacing_mm": self.rso_spacing_mm, "fine_smoothness_weight": self.fine_smoothness_weight,
+            "fine_similarity": self.fine_similarity.kind,
             "fixed_geometry": _geometry_dict(self.fixed.geometry), "moving_geometry": _geometry_dict(self.moving.geometry),
             "history": [{"name": s.name, "seconds": s.seconds, "iterations": s.iterations, "figures": s.figures}
                         for s in self.history]}
@@ -597,7 +601,11 @@ class DeepRegistrationSession:
         settings = dict(weights=meta["weights_source"], similarity=meta["similarity"], seed=meta["seed"],
                         working_spacing_mm=meta["working_spacing_mm"], smoothness_weight=meta["smoothness_weight"],
                         learning_rate=meta["learning_rate"], rso_spacing_mm=meta.get("rso_spacing_mm"),
-                        fine_smoothness_weight=meta.get("fine_smoothness_weight"))
+                        fine_smoothness_weight=meta.get("fine_smoothness_weight"),
+                        # sessions saved before fine steps had their own similarity refined with the session's
+                        fine_similarity=meta.get("fine_similarity", meta["similarity"]))
+        if overrides.get("fine_similarity") not in (None, settings["fine_similarity"]):
+            settings["fine_smoothness_weight"] = None  # the saved weight was for the other similarity's scale
         settings.update(overrides)
         session = cls(fixed, moving, device=device, **settings)
         saved = torch.load(state_path, map_location="cpu", weights_only=True)
