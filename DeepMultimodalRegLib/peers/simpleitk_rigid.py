@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-import torch
-
 from ..image.volume import Volume
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..result import RegistrationResult
@@ -33,7 +30,9 @@ def register_rigid_mattes(fixed: Volume, moving: Volume, iterations: int = 200, 
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(sampling_fraction, seed)
+    # SimpleITK reads a sampling seed of 0 as 'seed from the wall clock' (sitkWallClock): shift ours by
+    # one so that every seed, 0 included, gives the same samples on every run
+    reg.SetMetricSamplingPercentage(sampling_fraction, int(seed) + 1)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-4, numberOfIterations=iterations,
                                                  gradientMagnitudeTolerance=1e-8)
