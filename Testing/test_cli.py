@@ -113,16 +113,6 @@ def _nan_image(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("args", [
-    # (msode-rigid left this list when MS-ODE landed: issue 8)
-    ["register2d3d", "ct.nii.gz", "xray.nii.gz", "--geometry", "g.json", "-o", "out"],  # sopi: learned, later
-])
-def test_commands_not_available_yet_say_so(args, capsys):
-    code, err = _run_cli(args, capsys)
-    assert code == 2
-    assert "not available yet" in err
-
-
 def test_argument_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["register", "f", "m", "-o", "o", "--method", "no-such-method"])

@@ -266,3 +266,6 @@ def test_missing_or_mismatched_model_gives_a_clear_error(ct, model_dir, tmp_path
                  "--model", str(tmp_path / "nothing"), "-o", str(tmp_path / "reg")])
     assert code == 2 and "not a SOPI model folder" in capsys.readouterr().err
     assert not (tmp_path / "reg").exists()
+    code = main(["register2d3d", str(ct_path), str(xray_path), "--geometry", str(geometry_path),  # with --model
+                 "--model", str(tmp_path / "nothing"), "-o", str(tmp_path / "reg")])             # sopi+opt by default
+    assert code == 2 and "not a SOPI model folder" in capsys.readouterr().err

@@ -72,9 +72,10 @@ def test_cli_drr_then_register2d3d_recovers_the_pose(tmp_path, capsys):
     assert drr.geometry.spacing[0] == pytest.approx(0.79836 * 256 / 32)
     assert float(drr.data.max()) > 0.5  # a line integral through ~60 mm of tissue and bone
     out = tmp_path / "reg"
-    code, stdout, err = _run(["register2d3d", ct, drr_path, "--geometry", geometry, "--method", "opt-gc",
+    code, stdout, err = _run(["register2d3d", ct, drr_path, "--geometry", geometry,  # no --model: opt-gc by default
                               "--starts", "8", "-o", out], capsys)
     assert code == 0, err
+    assert json.loads((out / "report.json").read_text())["method"] == "opt-gc"
     assert sorted(p.name for p in out.iterdir()) == ["drr.nii.gz", "pose.json", "report.json", "report.png",
                                                      "transform.tfm"]
     pose = json.loads((out / "pose.json").read_text())

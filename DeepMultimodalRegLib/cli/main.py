@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("xray", type=Path)
     x.add_argument("--geometry", type=Path, required=True, help="C-arm geometry JSON")
     x.add_argument("-o", "--output", type=Path, required=True)
-    x.add_argument("--method", choices=METHODS_2D3D, default="sopi")
+    x.add_argument("--method", choices=METHODS_2D3D,
+                   help="default: sopi+opt with --model (0%% failures on both benchmark CTs; SOPI alone is fast "
+                        "but not yet accurate after CPU-sized training, docs/benchmarks.md), else opt-gc")
     x.add_argument("--model", type=Path, help="folder of per-patient SOPI networks")
     # --- SOPI 2D/3D (issue 7): options of the optimisation baselines ---
     x.add_argument("--init-pose", type=_floats(6), default=(0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
@@ -367,6 +369,8 @@ def cmd_register2d3d(args) -> int:
     from ..sopi.register import register_2d3d, require_method_available
     from ..sopi.xray import fit_geometry_to_xray, read_xray
 
+    if args.method is None:
+        args.method = "sopi+opt" if args.model else "opt-gc"
     require_method_available(args.method, args.model)  # sopi / sopi+opt without --model fail before reading
     out = check_output_dir(args.output, [args.ct, args.xray, args.geometry])
     geometry = read_geometry(args.geometry)
