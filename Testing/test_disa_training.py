@@ -154,3 +154,21 @@ def test_training_checkpoints_and_resumes(prepared_pair, tmp_path, monkeypatch):
     after = torch.load(tmp_path / "disa.pt", weights_only=True)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert [v["step"] for v in second["validation"]] == [1, 2, 3]
+
+
+def test_prepared_scan_cache_is_versioned_so_old_preparations_are_not_reused(tmp_path):
+    """A cache written before a change to how scans are read (e.g. the voxelmorph orientation fix)
+    must not be picked up by a resumed run: only files of the current format are read."""
+    from DeepMultimodalRegLib.training.scans import PREPARED_FORMAT, SCANS, load_prepared_scans
+
+    def save(path, value):
+        torch.save({"data": torch.full((4, 4, 4), value), "spacing": torch.tensor([2.0, 2.0, 2.0]),
+                    "origin": torch.zeros(3), "direction": torch.eye(3).reshape(-1)}, path)
+
+    names = [s.name for s in SCANS if s.split == "validation"]
+    for name in names:
+        save(tmp_path / f"{name}_2mm.pt", 1.0)  # the pre-versioning file name
+        save(tmp_path / f"{name}_2mm_v{PREPARED_FORMAT}.pt", 2.0)
+    scans = load_prepared_scans(tmp_path / "no_data_needed", "validation", 2.0, tmp_path)
+    assert sorted(scans) == sorted(names)
+    assert all(float(v.data.min()) == 2.0 for v in scans.values())

@@ -41,6 +41,11 @@ SCANS = (
 )
 
 
+#: version of the prepared-scan cache files; bump it whenever reading or preparing a scan changes, so
+#: a resumed run never mixes old preparations in (2: the voxelmorph scan read on its LIA grid)
+PREPARED_FORMAT = 2
+
+
 def default_data_dir() -> Path:
     env = os.environ.get("DEEPMMREG_SHARED_DATA")
     if env:
@@ -96,7 +101,7 @@ def load_prepared_scans(data_dir: Path | None = None, split: str | None = None, 
     for spec in SCANS:
         if split is not None and spec.split != split:
             continue
-        cached = Path(cache_dir) / f"{spec.name}_{spacing_mm:g}mm.pt" if cache_dir else None
+        cached = Path(cache_dir) / f"{spec.name}_{spacing_mm:g}mm_v{PREPARED_FORMAT}.pt" if cache_dir else None
         if cached is not None and cached.exists():
             saved = torch.load(cached, weights_only=True)
             geometry = ImageGeometry(shape=tuple(saved["data"].shape), spacing=tuple(saved["spacing"].tolist()),
