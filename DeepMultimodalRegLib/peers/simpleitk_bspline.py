@@ -25,7 +25,7 @@ from ..result import RegistrationResult, RegistrationStep
 from ..transforms.composite import CompositeTransform
 from ..transforms.itk_io import from_sitk, to_sitk
 from ..transforms.resample import warp_volume
-from .simpleitk_rigid import register_rigid_mattes
+from .simpleitk_rigid import register_rigid_mattes, sampling_seed
 
 
 def bspline_mesh_size(image, control_spacing_mm: float) -> list[int]:
@@ -66,8 +66,6 @@ def register_rigid_bspline_mattes(fixed: Volume, moving: Volume, control_spacing
 
     progress = progress or no_progress
     start = time.perf_counter()
-    # SimpleITK's sampling seed 0 is sitkWallClock (a new random draw every run): shift ours by one
-    sampling_seed = int(seed) + 1
     rigid_result = register_rigid_mattes(fixed, moving, iterations=rigid_iterations, seed=seed,
                                          progress=lambda f, m: progress(0.4 * f, f"rigid: {m}"), cancel=cancel)
     t1 = time.perf_counter()
@@ -80,7 +78,7 @@ def register_rigid_bspline_mattes(fixed: Volume, moving: Volume, control_spacing
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(sampling_fraction, sampling_seed)
+    reg.SetMetricSamplingPercentage(sampling_fraction, sampling_seed(seed))
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=iterations,
                              maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=2 * iterations)

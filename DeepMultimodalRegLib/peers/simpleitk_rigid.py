@@ -15,6 +15,12 @@ from ..transforms.itk_io import from_sitk
 from ..transforms.resample import warp_volume
 
 
+def sampling_seed(seed: int) -> int:
+    """SimpleITK's metric-sampling seed for ours: SimpleITK reads 0 as 'seed from the wall clock'
+    (sitkWallClock), so ours is shifted by one and every seed, 0 included, repeats its samples."""
+    return int(seed) + 1
+
+
 def register_rigid_mattes(fixed: Volume, moving: Volume, iterations: int = 200, seed: int = 0,
                           progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
                           sampling_fraction: float = 0.1) -> RegistrationResult:
@@ -30,9 +36,7 @@ def register_rigid_mattes(fixed: Volume, moving: Volume, iterations: int = 200, 
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    # SimpleITK reads a sampling seed of 0 as 'seed from the wall clock' (sitkWallClock): shift ours by
-    # one so that every seed, 0 included, gives the same samples on every run
-    reg.SetMetricSamplingPercentage(sampling_fraction, int(seed) + 1)
+    reg.SetMetricSamplingPercentage(sampling_fraction, sampling_seed(seed))
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-4, numberOfIterations=iterations,
                                                  gradientMagnitudeTolerance=1e-8)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..errors import InvalidParameterError
 from ..fileio import atomic_output
-from ..training.checkpoint import load_checkpoint, save_checkpoint, time_to_stop
+from ..training.checkpoint import TrainingState, load_checkpoint, save_checkpoint, time_to_stop
 from ..image.geometry import ImageGeometry
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..synthetic import smooth_random_deformation
@@ -83,14 +83,6 @@ def quick_config(seed: int = 0) -> GeneralTrainingConfig:
     """A few steps on small crops at a coarse grid: checks the set-up in about a minute."""
     return GeneralTrainingConfig(steps=6, spacing_mm=8.0, crop=32, field_bank=3, validation_pairs=2,
                                  validation_every=3, checkpoint_every=3, seed=seed)
-
-
-@dataclass
-class _TrainingState:
-    step: int = 0
-    seconds: float = 0.0
-    history: list = field(default_factory=list)  # (step, running loss)
-    validation: list = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------- data
@@ -250,7 +242,7 @@ def train_general(out_dir: str | Path, config: GeneralTrainingConfig | None = No
     optimiser = make_adam(model, config.learning_rate)
     generator = torch.Generator().manual_seed(config.seed)
     checkpoint = out / "checkpoint.pt"
-    state = load_checkpoint(checkpoint, model, optimiser, generator, _TrainingState(), map_location=device)
+    state = load_checkpoint(checkpoint, model, optimiser, generator, TrainingState(), map_location=device)
 
     def checkpoint_now():
         save_checkpoint(checkpoint, model, optimiser, generator, state, config)

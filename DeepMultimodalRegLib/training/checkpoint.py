@@ -9,7 +9,7 @@ and the recipe's own progress record (a dataclass, stored as JSON with the run's
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +18,16 @@ import torch
 from ..fileio import atomic_output
 
 State = TypeVar("State")
+
+
+@dataclass
+class TrainingState:
+    """The progress record of a single-stage recipe (DISA, the RSO general model, MS-ODE, translation)."""
+
+    step: int = 0
+    seconds: float = 0.0
+    history: list = field(default_factory=list)  # per step or running averages, as the recipe keeps them
+    validation: list = field(default_factory=list)  # one dict per validation round
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimiser: torch.optim.Optimizer,
@@ -48,3 +58,12 @@ def time_to_stop(cancel, started: float, max_minutes: float | None) -> bool:
     if cancel is not None and cancel.cancelled:
         return True
     return max_minutes is not None and (time.perf_counter() - started) / 60 > max_minutes
+
+
+def write_run_records(out: Path, summary: dict, history: list | None = None) -> None:
+    """``summary.json`` (and ``history.json`` when given) of a finished or stopped run, atomically."""
+    with atomic_output(Path(out) / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    if history is not None:
+        with atomic_output(Path(out) / "history.json") as tmp:
+            tmp.write_text(json.dumps(history))

@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from ..fileio import atomic_output
-from .checkpoint import load_checkpoint, save_checkpoint, time_to_stop
+from .checkpoint import TrainingState, load_checkpoint, save_checkpoint, time_to_stop
 from ..networks.disa_net import DISANet, count_parameters
 from ..progress import CancelToken, ProgressCallback, no_progress
 from .disa_sampler import (STRIDE, Augmentation, CropPair, DenseCropPair, equalised_weights, sample_crop_pair,
@@ -53,14 +53,6 @@ class DisaTrainingConfig:
     spacing_mm: float = 2.0
     seed: int = 0
     threads: int | None = None
-
-
-@dataclass
-class TrainingState:
-    step: int = 0
-    seconds: float = 0.0
-    history: list = field(default_factory=list)  # (step, train_mse) running averages
-    validation: list = field(default_factory=list)  # dicts per validation round
 
 
 def pair_pool(names: list[str]) -> list[tuple[str, str, bool]]:

@@ -16,16 +16,15 @@ after ``max_minutes`` (checkpointed), so a time-boxed run can be continued.
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import InvalidParameterError
 from ..fileio import atomic_output
-from .checkpoint import load_checkpoint, save_checkpoint, time_to_stop
+from .checkpoint import TrainingState, load_checkpoint, save_checkpoint, time_to_stop, write_run_records
 from ..msode.model import MSODE, MSODEConfig
 from ..msode.similarity import similarity_loss
 from ..msode.solvers import parse_solvers
@@ -116,14 +115,6 @@ def loss_terms(model: MSODE, batch: TrainingBatch, config: MSODETrainingConfig, 
             "nfe": torch.tensor(float(info.total_nfe))}
 
 
-@dataclass
-class TrainingState:
-    step: int = 0
-    seconds: float = 0.0
-    history: list = field(default_factory=list)
-    validation: list = field(default_factory=list)
-
-
 def evaluate(model: MSODE, batches, config, solvers) -> dict:
     model.eval()
     sums: dict[str, float] = {}
@@ -209,9 +200,6 @@ def train_msode(out_dir: str | Path, config: MSODETrainingConfig | None = None, 
                "anatomies": [a.name for a in anatomies], "initial_validation": state.validation[0],
                "final_validation": state.validation[-1], "validation": state.validation,
                "running": running, "threads": torch.get_num_threads(), "weights": str(weights)}
-    with atomic_output(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
-    with atomic_output(out / "history.json") as tmp:
-        tmp.write_text(json.dumps(state.history))
+    write_run_records(out, summary, state.history)
     return summary
 

@@ -21,9 +21,8 @@ generator's loss.  A run resumes in its folder and stops after ``max_minutes`` (
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ import torch
 from ..fileio import atomic_output
 from ..msode.translation import TranslationConfig, TranslationGAN
 from ..progress import CancelToken, ProgressCallback, no_progress
-from .checkpoint import load_checkpoint, save_checkpoint, time_to_stop
+from .checkpoint import TrainingState, load_checkpoint, save_checkpoint, time_to_stop, write_run_records
 from .msode_data import prepare_anatomies, raw_anatomies
 from .translation_data import SlicePairs, SliceSampling, sample_pairs
 
@@ -159,14 +158,6 @@ def evaluate(gan: TranslationGAN, batches: list[SlicePairs], weights: dict[str, 
     return sums
 
 
-@dataclass
-class TrainingState:
-    step: int = 0
-    seconds: float = 0.0
-    history: list = field(default_factory=list)
-    validation: list = field(default_factory=list)
-
-
 def train_translation(out_dir: str | Path, config: TranslationTrainingConfig | None = None, data_dir=None,
                       progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
                       anatomies=None) -> dict:
@@ -235,8 +226,5 @@ def train_translation(out_dir: str | Path, config: TranslationTrainingConfig | N
                "initial_validation": state.validation[0], "final_validation": state.validation[-1],
                "validation": state.validation, "running": running, "threads": torch.get_num_threads(),
                "weights": str(weights_file)}
-    with atomic_output(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
-    with atomic_output(out / "history.json") as tmp:
-        tmp.write_text(json.dumps(state.history))
+    write_run_records(out, summary, state.history)
     return summary
