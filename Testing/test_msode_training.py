@@ -197,3 +197,41 @@ def test_voxelmorph_scan_lands_in_the_same_head_orientation_as_mni152():
         k, j, i = (seg.data == label).nonzero().double().mean(0).tolist()
         x[label] = (to_physical @ np.array([i, j, k, 1.0]))[0]
     assert x[2] > x[41] + 20.0
+
+
+def test_model_card_reports_each_range_separately_and_the_training_history(tmp_path):
+    """The card's benchmark lines keep ±25° and ±75° apart (pooled, a model that works at one range
+    and fails at the other would read as half-working), with medians as NumPy computes them."""
+    import json as _json
+
+    import numpy as np
+
+    from DeepMultimodalRegLib.training.msode_publish import msode_model_card, summarise_benchmark
+
+    records = []
+    for deg, errors in ((25.0, [1.0, 3.0, 1.5]), (75.0, [40.0, 1.8, 30.0])):
+        for k, e in enumerate(errors):
+            records.append({"motion": "rigid", "range_deg": deg, "method": "msode-rigid", "case": k,
+                            "initial_rmse_mm": 20.0 + k, "rmse_mm": e, "seconds": 1.0 + k})
+    path = tmp_path / "bench.json"
+    path.write_text(_json.dumps({"records": records}), encoding="utf-8")
+    lines = summarise_benchmark(path)
+    assert set(lines) == {"rigid ±25°, msode-rigid", "rigid ±75°, msode-rigid"}
+    assert "success (RMSE(φ) < 2 mm) 67%" in lines["rigid ±25°, msode-rigid"]
+    assert f"{np.median([40.0, 1.8, 30.0]):.1f} mm" in lines["rigid ±75°, msode-rigid"]
+    assert "success (RMSE(φ) < 2 mm) 33%" in lines["rigid ±75°, msode-rigid"]
+
+    validation = {"rmse_mm": 30.0, "sim": 0.05, "self": 9.0, "reg": 0.0}
+    summary = {"kind": "rigid", "parameters": 1234, "steps": 10, "seconds": 600.0, "threads": 1, "finished": False,
+               "anatomies": ["voxelmorph_t1"], "initial_validation": validation,
+               "final_validation": {**validation, "rmse_mm": 12.0},
+               "config": {"size": 32, "spacing_mm": 8.0, "levels": 3, "total_time": 3.0, "inputs": "image+mind",
+                          "training_solvers": "F(1)", "inference_solvers": "", "real_t1_probability": 0.25,
+                          "rotation_deg": 75.0, "translation_mm": 20.0, "bspline_sigma_mm": 8.0,
+                          "similarity": "mind", "lambda_self": 1.0, "self_scale_mm": 10.0, "lambda_reg": None,
+                          "learning_rate": 1e-4, "batch": 2, "gradient_clip": 1.0, "seed": 0,
+                          "validation_batches": 4}}
+    card = msode_model_card(summary, lines, "Resumed from a ±25° run.")
+    assert "## Training history\n\nResumed from a ±25° run." in card
+    assert "30.00 → 12.00 mm" in card and "(10 min in all)" in card
+    assert card.index("## Training history") < card.index("## Benchmark")

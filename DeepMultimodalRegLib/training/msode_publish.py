@@ -19,7 +19,10 @@ SIMILARITY_NAMES = {"mind": "MIND-SSC SSD", "disa": "DISA descriptor dot product
                     "content": "content-feature distance of the msode_translation encoder, paper eq. 4"}
 
 
-def msode_model_card(summary: dict, benchmark: dict | None = None) -> str:
+def msode_model_card(summary: dict, benchmark: dict | None = None, history: str | None = None) -> str:
+    """The card of a trained MS-ODE model from its run's summary.json; ``benchmark`` (from
+    :func:`summarise_benchmark`) and ``history`` (free text: what the summary cannot tell, e.g. that
+    the run resumed from a model trained with other settings) are added when given."""
     c = summary["config"]
     v0, v = summary["initial_validation"], summary["final_validation"]
     kind = summary["kind"]
@@ -57,6 +60,8 @@ def msode_model_card(summary: dict, benchmark: dict | None = None) -> str:
         f"{v['rmse_mm']:.2f} mm; L_sim {v0['sim']:.4f} → {v['sim']:.4f}; L_self {v0['self']:.3f} → {v['self']:.3f}"
         + (f"; L_reg {v0['reg']:.4f} → {v['reg']:.4f}" if kind != "rigid" else "") + ".",
     ]
+    if history:
+        lines += ["", "## Training history", "", history.strip()]
     if benchmark:
         lines += ["", "## Benchmark", "", "`benchmarks/msode.py` (docs/benchmarks.md), held-out Kirby21 pairs (all ranges pooled):", ""]
         lines += [f"- {k}: {val}" for k, val in benchmark.items()]
@@ -64,20 +69,27 @@ def msode_model_card(summary: dict, benchmark: dict | None = None) -> str:
               "`DeepMultimodalRegLib.msode.load_model(kind)` verifies the SHA-256 in `manifest.json` and loads with",
               "`torch.load(..., weights_only=True)`; the model's settings travel inside the state_dict as a JSON byte tensor.",
               "", "## Status", "",
-              "A first, CPU-sized run (≤ 30 min on 2 shared cores): far shorter than the paper's training. Read the",
+              f"A CPU-sized run ({summary['seconds'] / 60:.0f} min in all): far shorter than the paper's training. Read the",
               "benchmark before relying on it; the recipe resumes (`deepmmreg train msode -o DIR --minutes M`).", ""]
     return "\n".join(lines)
 
 
-def summarise_benchmark(path: Path, method: str = "msode-rigid") -> dict:
-    data = json.loads(Path(path).read_text())
+def summarise_benchmark(path: Path) -> dict:
+    """One line per (motion, rotation range, method) of a ``benchmarks/msode.py`` record: pooling the
+    ranges would hide what matters (a model can work at ±25° and fail at ±75°)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    groups: dict = {}
+    for r in data["records"]:
+        if "rmse_mm" in r:
+            groups.setdefault((r.get("motion", "rigid"), r.get("range_deg"), r["method"]), []).append(r)
     out = {}
-    for m in sorted({r["method"] for r in data["records"]}):
-        rs = [r for r in data["records"] if r["method"] == m and "rmse_mm" in r]
-        if rs:
-            e = np.array([r["rmse_mm"] for r in rs])
-            out[m] = (f"{len(rs)} cases, success (RMSE(φ) < 2 mm) {100 * np.mean(e < 2):.0f}%, median RMSE(φ) "
-                      f"{np.median(e):.1f} mm, median time {np.median([r['seconds'] for r in rs]):.1f} s")
+    for (motion, range_deg, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -(kv[0][1] or 0), kv[0][2])):
+        e = np.array([r["rmse_mm"] for r in rs])
+        start = np.array([r["initial_rmse_mm"] for r in rs]) if all("initial_rmse_mm" in r for r in rs) else None
+        label = f"{motion}" + (f" ±{range_deg:g}°" if range_deg else "") + f", {method}"
+        out[label] = (f"{len(rs)} cases, success (RMSE(φ) < 2 mm) {100 * np.mean(e < 2):.0f}%, median RMSE(φ) "
+                      + (f"{np.median(start):.1f} → " if start is not None else "")
+                      + f"{np.median(e):.1f} mm, median time {np.median([r['seconds'] for r in rs]):.1f} s")
     return out
 
 
@@ -85,11 +97,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("run", type=Path, help="training folder (summary.json, msode_<kind>.pt)")
     p.add_argument("--benchmark", type=Path)
+    p.add_argument("--history", type=Path, help="a text file whose content goes into the card's 'Training history'")
     args = p.parse_args(argv)
-    summary = json.loads((args.run / "summary.json").read_text())
+    summary = json.loads((args.run / "summary.json").read_text(encoding="utf-8"))
     kind = summary["kind"]
     benchmark = summarise_benchmark(args.benchmark) if args.benchmark else None
-    entry = publish_weights(args.run / f"msode_{kind}.pt", f"msode_{kind}", "msode", msode_model_card(summary, benchmark),
+    history = args.history.read_text(encoding="utf-8") if args.history else None
+    card = msode_model_card(summary, benchmark, history)
+    entry = publish_weights(args.run / f"msode_{kind}.pt", f"msode_{kind}", "msode", card,
                             description=f"MS-ODE {kind} registration optimiser ({summary['config']['size']}³ × "
                                         f"{summary['config']['spacing_mm']} mm working grid, L = {summary['config']['levels']})")
     print(json.dumps(entry.as_dict(), indent=2))
