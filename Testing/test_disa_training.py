@@ -172,3 +172,30 @@ def test_prepared_scan_cache_is_versioned_so_old_preparations_are_not_reused(tmp
     scans = load_prepared_scans(tmp_path / "no_data_needed", "validation", 2.0, tmp_path)
     assert sorted(scans) == sorted(names)
     assert all(float(v.data.min()) == 2.0 for v in scans.values())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_training_runs_on_the_chosen_device_and_draws_the_same_pairs_there(prepared_pair, tmp_path, monkeypatch,
+                                                                          device):
+    """A seed draws the same crops, anchors and targets on every device (the sampling generator stays
+    on the CPU), and the saved weights are CPU tensors whatever the device."""
+    import DeepMultimodalRegLib.training.disa_train as disa_train
+    from DeepMultimodalRegLib.image import ImageGeometry, Volume
+    from DeepMultimodalRegLib.training.disa_train import DisaTrainingConfig, train_disa, validation_set
+
+    t1, t2 = prepared_pair
+    scans = {"kirby21_t1": Volume(t1, ImageGeometry(shape=tuple(t1.shape))),
+             "kirby21_t2": Volume(t2, ImageGeometry(shape=tuple(t2.shape)))}
+    monkeypatch.setattr(disa_train, "load_prepared_scans", lambda *args, **kwargs: dict(scans))
+    config = DisaTrainingConfig(steps=2, anchors_per_crop=8, validation_crop_pairs=2, warmup_steps=1,
+                                checkpoint_every=1, validation_every=1, device=device)
+    on_cpu = validation_set(config, None, None, torch.device("cpu"))
+    on_device = validation_set(config, None, None, torch.device(device))
+    for a, b in zip(on_cpu, on_device):
+        assert torch.equal(a.anchors, b.anchors.cpu()) and torch.equal(a.partners, b.partners.cpu())
+        assert torch.allclose(a.targets, b.targets.cpu(), atol=1e-5)
+    summary = train_disa(tmp_path, config)
+    assert summary["device"].startswith(device) and summary["steps"] == 2
+    weights = torch.load(tmp_path / "disa.pt", weights_only=True)
+    assert all(v.device.type == "cpu" for v in weights.values())

@@ -235,3 +235,16 @@ def test_model_card_reports_each_range_separately_and_the_training_history(tmp_p
     assert "## Training history\n\nResumed from a ±25° run." in card
     assert "30.00 → 12.00 mm" in card and "(10 min in all)" in card
     assert card.index("## Training history") < card.index("## Benchmark")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_training_runs_on_the_chosen_device_and_saves_cpu_weights(tmp_path, device):
+    config = tiny_config("bspline")
+    config.steps, config.checkpoint_every, config.validation_every, config.validation_batches = 1, 1, 1, 1
+    config.device = device
+    summary = train_msode(tmp_path, config, anatomies=[phantom_anatomy()])
+    assert summary["device"].startswith(device) and summary["steps"] == 1
+    state = torch.load(tmp_path / "msode_bspline.pt", weights_only=True)
+    assert all(v.device.type == "cpu" for v in state.values())
+    assert MSODE.from_state_dict(state).config.kind == "bspline"

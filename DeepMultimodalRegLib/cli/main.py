@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--aligned-jitter", type=int, help="disa: shift of aligned crops, voxels per axis (max)")
     t.add_argument("--learning-rate", type=float, help="disa: peak learning rate; msode, translation: Adam's rate")
     t.add_argument("--warmup-steps", type=int, help="disa: learning-rate warm-up steps")
+    t.add_argument("--crop-pairs-per-step", type=int,
+                   help="disa: crop pairs per optimiser step (default 1; a GPU affords many more)")
     # --- msode (issue 8)
     t.add_argument("--kind", choices=("rigid", "bspline", "dense"), default="rigid",
                    help="msode: the parameterisation to train (default rigid)")
@@ -324,7 +326,9 @@ def cmd_train(args) -> int:
                                     checkpoint_every=10, warmup_steps=5, seed=args.seed)
     if args.steps:
         config.steps = args.steps
-    for name in ("init_weights", "aligned_jitter", "aligned_probability", "learning_rate", "warmup_steps"):
+    config.device = args.device
+    for name in ("init_weights", "aligned_jitter", "aligned_probability", "learning_rate", "warmup_steps",
+                 "crop_pairs_per_step"):
         if getattr(args, name, None) is not None:
             setattr(config, name, getattr(args, name))
     if config.init_weights and not Path(config.init_weights).is_file():

@@ -112,6 +112,12 @@ class PairBatch:
     def batch(self) -> int:
         return self.fixed[-1].shape[0]
 
+    def to(self, device) -> "PairBatch":
+        """The same pairs with every tensor on ``device`` (geometries are plain numbers)."""
+        return PairBatch([x.to(device) for x in self.fixed], [x.to(device) for x in self.moving],
+                         self.fixed_geometries, self.moving_geometries, self.c_fixed.to(device),
+                         self.c_moving.to(device))
+
 
 class MSODE(nn.Module):
     """MS-ODENet: one network per level; :meth:`solve` returns θ(T) and the solver's record."""

@@ -112,7 +112,8 @@ def _crops_and_anchors(fitted_volume: torch.Tensor, regressor_volume: torch.Tens
     f = crop(fitted_volume, corner_f)
     r = crop(regressor_volume, corner_r)
     s = len(site_indices(f.shape[0]))
-    w = site_weights(f).reshape(-1)
+    # drawn on the CPU whatever the crops' device: the generator (and so the run's reproducibility) lives there
+    w = site_weights(f).reshape(-1).cpu()
     w = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / w.numel())
     flat = torch.multinomial(w + 1e-3 / w.numel(), anchors, replacement=True, generator=generator)
     return f, r, torch.stack([flat // (s * s), (flat // s) % s, flat % s], 1)
@@ -127,12 +128,12 @@ def sample_crop_pair(fitted_volume: torch.Tensor, regressor_volume: torch.Tensor
     sites = site_indices(f.shape[0])
     s = len(sites)
     targets_all = targets_against_all_sites(f, r, sites[anchor_sites]).reshape(anchors, -1)  # [K, S³]
-    t = torch.rand(anchors, 1, generator=generator)
-    pick = (targets_all - t).abs().argmin(1)
+    t = torch.rand(anchors, 1, generator=generator).to(targets_all.device)
+    pick = (targets_all - t).abs().argmin(1).cpu()
     partner_sites = torch.stack([pick // (s * s), (pick // s) % s, pick % s], 1)
     first = int(sites[0]) // STRIDE  # descriptor index of site 0
     return CropPair(f.float(), r.float(), anchor_sites + first, partner_sites + first,
-                    targets_all[torch.arange(anchors), pick])
+                    targets_all[torch.arange(anchors, device=targets_all.device), pick.to(targets_all.device)])
 
 
 @dataclass

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..device import resolve_device
 from ..fileio import atomic_output
 from .checkpoint import TrainingState, load_checkpoint, save_checkpoint, time_to_stop
 from ..networks.disa_net import DISANet, count_parameters
@@ -50,6 +51,10 @@ class DisaTrainingConfig:
     validation_every: int = 250
     checkpoint_every: int = 100
     max_minutes: float | None = None  # stop (and save) after this wall time; resume continues
+    #: auto | cpu | cuda: the scans, the LC² targets and the network all live there (a GPU run needs
+    #: no CPU round trip per step); the sampling generator stays on the CPU, so a seed draws the same
+    #: crops and anchors on any device
+    device: str = "auto"
     spacing_mm: float = 2.0
     seed: int = 0
     threads: int | None = None
@@ -101,7 +106,8 @@ def crop_descriptors(model: DISANet, pair: CropPair | DenseCropPair,
 def dense_loss(model: DISANet, pair: DenseCropPair, augmentation: Augmentation | None) -> torch.Tensor:
     """Histogram-equalised squared error of the dot products of K anchors with every site."""
     descriptors = crop_descriptors(model, pair, augmentation)
-    a = descriptors[0][:, pair.anchors[:, 0], pair.anchors[:, 1], pair.anchors[:, 2]]  # [C, K]
+    anchors = pair.anchors.to(descriptors.device)
+    a = descriptors[0][:, anchors[:, 0], anchors[:, 1], anchors[:, 2]]  # [C, K]
     first = int(site_indices()[0]) // STRIDE
     s = pair.targets.shape[-1]
     b = descriptors[1][:, first:first + s, first:first + s, first:first + s].reshape(a.shape[0], -1)  # [C, S³]
@@ -113,8 +119,9 @@ def dense_loss(model: DISANet, pair: DenseCropPair, augmentation: Augmentation |
 def predicted_similarity(model: DISANet, pair: CropPair, augmentation: Augmentation | None) -> torch.Tensor:
     """Dot products of the descriptors at the anchor and partner sites, [K]."""
     descriptors = crop_descriptors(model, pair, augmentation)
-    a = descriptors[0][:, pair.anchors[:, 0], pair.anchors[:, 1], pair.anchors[:, 2]]
-    b = descriptors[1][:, pair.partners[:, 0], pair.partners[:, 1], pair.partners[:, 2]]
+    anchors, partners = pair.anchors.to(descriptors.device), pair.partners.to(descriptors.device)
+    a = descriptors[0][:, anchors[:, 0], anchors[:, 1], anchors[:, 2]]
+    b = descriptors[1][:, partners[:, 0], partners[:, 1], partners[:, 2]]
     return (a * b).sum(0)
 
 
@@ -124,15 +131,22 @@ def evaluate(model: DISANet, pairs: list[CropPair]) -> dict:
     with torch.no_grad():
         pred = torch.cat([predicted_similarity(model, p, None) for p in pairs]).double()
     model.train()
-    target = torch.cat([p.targets for p in pairs]).double()
+    target = torch.cat([p.targets for p in pairs]).double().to(pred.device)
     mse = float(((pred - target) ** 2).mean())
     pearson = float(torch.corrcoef(torch.stack([pred, target]))[0, 1])
     return {"mse": mse, "pearson": pearson, "pairs": int(target.numel()),
             "target_mean": float(target.mean()), "target_std": float(target.std())}
 
 
-def validation_set(config: DisaTrainingConfig, data_dir, cache_dir) -> list[CropPair]:
+def scans_on(scans: dict, device: torch.device) -> dict:
+    """The prepared scans with their voxels on ``device``."""
+    return {name: scan.to(device) for name, scan in scans.items()}
+
+
+def validation_set(config: DisaTrainingConfig, data_dir, cache_dir, device: torch.device | None = None) -> list[CropPair]:
     scans = load_prepared_scans(data_dir, "validation", config.spacing_mm, cache_dir)
+    if device is not None:
+        scans = scans_on(scans, device)
     generator = torch.Generator().manual_seed(10_000 + config.seed)
     pairs = pair_pool(sorted(scans))
     return [draw_crop_pair(scans, pairs, config, generator) for _ in range(config.validation_crop_pairs)]
@@ -154,18 +168,20 @@ def train_disa(out_dir: str | Path, config: DisaTrainingConfig | None = None, da
     out.mkdir(parents=True, exist_ok=True)
     if config.threads:
         torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
     cache = out / "prepared_scans"
-    train_scans = load_prepared_scans(data_dir, "train", config.spacing_mm, cache)
-    validation = validation_set(config, data_dir, cache)
+    train_scans = scans_on(load_prepared_scans(data_dir, "train", config.spacing_mm, cache), device)
+    validation = validation_set(config, data_dir, cache, device)
     pairs = pair_pool(sorted(train_scans))
 
     model = DISANet()
     if config.init_weights:
-        model.load_state_dict(torch.load(config.init_weights, weights_only=True))
+        model.load_state_dict(torch.load(config.init_weights, map_location="cpu", weights_only=True))
+    model.to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     checkpoint = out / "checkpoint.pt"
-    state = load_checkpoint(checkpoint, model, optimiser, generator, TrainingState())
+    state = load_checkpoint(checkpoint, model, optimiser, generator, TrainingState(), map_location=device)
 
     def checkpoint_now():
         save_checkpoint(checkpoint, model, optimiser, generator, state, config)
@@ -206,12 +222,12 @@ def train_disa(out_dir: str | Path, config: DisaTrainingConfig | None = None, da
                                  "train_mse_running": running, **evaluate(model, validation)})
     weights = out / "disa.pt"
     with atomic_output(weights) as tmp:
-        torch.save(model.state_dict(), tmp)
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
     summary = {"steps": state.step, "finished": state.step >= config.steps, "seconds": round(state.seconds, 1),
                "parameters": count_parameters(model), "config": asdict(config),
                "train_scans": sorted(train_scans), "validation_scans": [s.name for s in SCANS if s.split == "validation"],
                "final_validation": state.validation[-1], "validation": state.validation,
-               "train_mse_running": running, "threads": torch.get_num_threads()}
+               "train_mse_running": running, "threads": torch.get_num_threads(), "device": str(device)}
     with atomic_output(out / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     return summary

@@ -26,6 +26,7 @@ def config_from_args(args) -> MSODETrainingConfig:
         config.similarity = args.similarity
     if getattr(args, "learning_rate", None) is not None:
         config.learning_rate = args.learning_rate
+    config.device = getattr(args, "device", None) or "auto"
     return config
 
 

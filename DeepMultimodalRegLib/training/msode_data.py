@@ -123,6 +123,9 @@ class TrainingBatch:
     #: where the transform error counts (brain of the fixed image), [B, D, H, W]
     weight: torch.Tensor
 
+    def to(self, device) -> "TrainingBatch":
+        return TrainingBatch(self.pairs.to(device), self.truth_points.to(device), self.weight.to(device))
+
 
 def make_batch(anatomies: list[Anatomy], kind: str, batch: int, levels: int, motion: MotionSettings,
                generator: torch.Generator, real_t1_probability: float = 0.25) -> TrainingBatch:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..device import resolve_device
 from ..errors import InvalidParameterError
 from ..fileio import atomic_output
 from .checkpoint import TrainingState, load_checkpoint, save_checkpoint, time_to_stop, write_run_records
@@ -73,6 +74,9 @@ class MSODETrainingConfig:
     max_minutes: float | None = None
     seed: int = 0
     threads: int | None = None
+    #: auto | cpu | cuda; batches are drawn on the CPU (one generator, so a seed gives the same
+    #: motions and contrasts on any device) and moved there
+    device: str = "auto"
 
     def model_config(self) -> MSODEConfig:
         return MSODEConfig(kind=self.kind, levels=self.levels, total_time=self.total_time,
@@ -144,15 +148,16 @@ def train_msode(out_dir: str | Path, config: MSODETrainingConfig | None = None, 
     solvers = parse_solvers(config.training_solvers)
     motion = config.motion()
     validation_generator = torch.Generator().manual_seed(100_000 + config.seed)
+    device = resolve_device(config.device)
     validation = [make_batch(anatomies, config.kind, config.batch, config.levels, motion, validation_generator,
-                             config.real_t1_probability) for _ in range(config.validation_batches)]
+                             config.real_t1_probability).to(device) for _ in range(config.validation_batches)]
 
     torch.manual_seed(config.seed)
-    model = MSODE(config.model_config())
+    model = MSODE(config.model_config()).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     generator = torch.Generator().manual_seed(config.seed)
     checkpoint = out / "checkpoint.pt"
-    state = load_checkpoint(checkpoint, model, optimiser, generator, TrainingState())
+    state = load_checkpoint(checkpoint, model, optimiser, generator, TrainingState(), map_location=device)
 
     def checkpoint_now():
         save_checkpoint(checkpoint, model, optimiser, generator, state, config)
@@ -167,7 +172,7 @@ def train_msode(out_dir: str | Path, config: MSODETrainingConfig | None = None, 
         if time_to_stop(cancel, started, config.max_minutes):
             break
         batch = make_batch(anatomies, config.kind, config.batch, config.levels, motion, generator,
-                           config.real_t1_probability)
+                           config.real_t1_probability).to(device)
         optimiser.zero_grad(set_to_none=True)
         terms = loss_terms(model, batch, config, solvers)
         loss = terms["total"]
@@ -199,7 +204,7 @@ def train_msode(out_dir: str | Path, config: MSODETrainingConfig | None = None, 
                "parameters": int(sum(p.numel() for p in model.parameters())),
                "anatomies": [a.name for a in anatomies], "initial_validation": state.validation[0],
                "final_validation": state.validation[-1], "validation": state.validation,
-               "running": running, "threads": torch.get_num_threads(), "weights": str(weights)}
+               "running": running, "threads": torch.get_num_threads(), "device": str(device), "weights": str(weights)}
     write_run_records(out, summary, state.history)
     return summary
 
