@@ -248,3 +248,18 @@ def test_training_runs_on_the_chosen_device_and_saves_cpu_weights(tmp_path, devi
     state = torch.load(tmp_path / "msode_bspline.pt", weights_only=True)
     assert all(v.device.type == "cpu" for v in state.values())
     assert MSODE.from_state_dict(state).config.kind == "bspline"
+
+
+def test_cli_flags_reach_the_training_config():
+    """`train msode` flags land in the recipe's config (what a model card's command line relies on)."""
+    from DeepMultimodalRegLib.cli.main import build_parser
+    from DeepMultimodalRegLib.training.msode_cli import config_from_args
+
+    args = build_parser().parse_args(["train", "msode", "-o", "x", "--kind", "bspline", "--grid-size", "32",
+                                      "--grid-spacing", "8", "--learning-rate", "1e-4", "--motion-deg", "40",
+                                      "--device", "cpu"])
+    config = config_from_args(args)
+    assert (config.kind, config.size, config.spacing_mm, config.learning_rate, config.rotation_deg, config.device) == \
+        ("bspline", 32, 8.0, 1e-4, 40.0, "cpu")
+    default = config_from_args(build_parser().parse_args(["train", "msode", "-o", "x"]))
+    assert (default.size, default.spacing_mm, default.device) == (48, 5.0, "auto")

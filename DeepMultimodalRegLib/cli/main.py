@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="msode: the parameterisation to train (default rigid)")
     t.add_argument("--motion-deg", type=float, help="msode: simulated rotations U(±this) per axis (default 75, the paper's)")
     t.add_argument("--motion-mm", type=float, help="msode: simulated translations U(±this) mm (default 20, the paper's)")
+    t.add_argument("--grid-size", type=int, help="msode: working grid voxels per axis (default 48)")
+    t.add_argument("--grid-spacing", type=float, help="msode: working grid spacing in mm (default 5)")
     t.add_argument("--similarity", choices=("mind", "disa", "content"),
                    help="msode: L_sim (default mind; content = the paper's learned content features, the shipped "
                         "msode_translation encoder)")

@@ -27,6 +27,10 @@ def config_from_args(args) -> MSODETrainingConfig:
     if getattr(args, "learning_rate", None) is not None:
         config.learning_rate = args.learning_rate
     config.device = getattr(args, "device", None) or "auto"
+    if getattr(args, "grid_size", None) is not None:
+        config.size = args.grid_size
+    if getattr(args, "grid_spacing", None) is not None:
+        config.spacing_mm = args.grid_spacing
     return config
 
 
