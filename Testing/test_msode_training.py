@@ -263,3 +263,14 @@ def test_cli_flags_reach_the_training_config():
         ("bspline", 32, 8.0, 1e-4, 40.0, "cpu")
     default = config_from_args(build_parser().parse_args(["train", "msode", "-o", "x"]))
     assert (default.size, default.spacing_mm, default.device) == (48, 5.0, "auto")
+
+
+def test_a_resumed_run_uses_the_learning_rate_it_is_given(tmp_path):
+    """Resuming with a lower rate (to let a run settle) must not silently keep the checkpoint's rate."""
+    config = tiny_config("rigid")
+    config.steps, config.checkpoint_every, config.validation_every, config.validation_batches = 1, 1, 1, 1
+    train_msode(tmp_path, config, anatomies=[phantom_anatomy()])
+    config.steps, config.learning_rate = 2, 1e-5
+    train_msode(tmp_path, config, anatomies=[phantom_anatomy()])
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert [g["lr"] for g in saved["optimiser"]["param_groups"]] == [1e-5]

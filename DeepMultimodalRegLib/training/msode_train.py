@@ -158,6 +158,8 @@ def train_msode(out_dir: str | Path, config: MSODETrainingConfig | None = None, 
     generator = torch.Generator().manual_seed(config.seed)
     checkpoint = out / "checkpoint.pt"
     state = load_checkpoint(checkpoint, model, optimiser, generator, TrainingState(), map_location=device)
+    for group in optimiser.param_groups:  # a resumed run takes the rate it is given (e.g. a lower one to settle)
+        group["lr"] = config.learning_rate
 
     def checkpoint_now():
         save_checkpoint(checkpoint, model, optimiser, generator, state, config)
