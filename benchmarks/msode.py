@@ -47,6 +47,7 @@ ANTs through ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -190,8 +191,17 @@ def main(argv=None) -> int:
     p.add_argument("--hybrid-translation-mm", type=float, default=10.0)
     p.add_argument("--bspline-sigma-mm", type=float, default=8.0)
     p.add_argument("--bspline-mesh", type=int, default=8, help="B-spline intervals per axis of the true motion")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "msode_benchmark_2026-11-21.json")
+    p.add_argument("--out", type=Path, default=ROOT / "out" / "msode_benchmark.json",
+                   help="the run's records (default out/msode_benchmark.json; a committed record under docs/ "
+                        "is only written when named here)")
+    p.add_argument("--table", type=Path, nargs="+", metavar="RECORDS",
+                   help="print the table of saved records (several files: runs on identical cases, e.g. the "
+                        "peers and the MS-ODE rows run apart) and exit")
     args = p.parse_args(argv)
+    if args.table:
+        records = [r for path in args.table for r in json.loads(path.read_text(encoding="utf-8"))["records"]]
+        print(table(records, list(dict.fromkeys(r["method"] for r in records))))
+        return 0
     torch.set_num_threads(args.threads)
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(args.threads))  # ANTs' ITK, read once
     if args.methods:
@@ -211,6 +221,7 @@ def main(argv=None) -> int:
     # bspline case k, plus its rigid part)
     rngs = {kind: np.random.default_rng(args.seed) for kind in motions}
     records = []
+    run_date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     ranges = [float(r) for r in args.rotation_deg.split(",") if r]
     deformable = MotionSettings(rotation_deg=args.hybrid_rotation_deg, translation_mm=args.hybrid_translation_mm,
                                 bspline_sigma_mm=args.bspline_sigma_mm, mesh=args.bspline_mesh)
@@ -247,8 +258,8 @@ def main(argv=None) -> int:
             print(json.dumps(rec), file=sys.stderr, flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             tmp = args.out.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"date": "2026-11-21", "cases_per_pair": args.cases, "motions": motions,
-                                       "records": records}, indent=1))
+            tmp.write_text(json.dumps({"date": run_date, "cases_per_pair": args.cases, "motions": motions,
+                                       "records": records}, indent=1), encoding="utf-8")
             tmp.replace(args.out)
     print(table(records, methods))
     return 0
