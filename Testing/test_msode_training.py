@@ -274,3 +274,22 @@ def test_a_resumed_run_uses_the_learning_rate_it_is_given(tmp_path):
     train_msode(tmp_path, config, anatomies=[phantom_anatomy()])
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert [g["lr"] for g in saved["optimiser"]["param_groups"]] == [1e-5]
+
+
+def test_training_anatomies_include_a_whole_head_upright_like_mni152():
+    """Colin27 (skull, scalp) joins the brain-only anatomies; on a shared LPS grid its head lies the
+    way MNI152's does (both are NIfTI with real headers, so this guards the reader, not the data)."""
+    from DeepMultimodalRegLib.msode.grids import resample_onto
+    from DeepMultimodalRegLib.training.msode_data import raw_anatomies
+
+    anatomies = {name: (image, labels) for name, image, labels in raw_anatomies()}
+    assert {"voxelmorph_t1", "mni152_t1", "colin27_t1"} <= set(anatomies)
+    colin, aal = anatomies["colin27_t1"]
+    assert aal.geometry.same_grid(colin.geometry) and int(aal.data.max()) == 116
+    head = (colin.data > colin.data.mean()).float().mean()
+    brain = (aal.data > 0).float().mean()
+    assert head > 1.3 * brain  # skull and scalp beyond the labelled brain
+    grid = ImageGeometry(shape=(24, 24, 24), spacing=(8.0,) * 3, origin=(-92.0, -120.0, -76.0))
+    a = resample_onto(anatomies["mni152_t1"][0], grid).data.double().reshape(-1)
+    b = resample_onto(colin, grid).data.double().reshape(-1)
+    assert float(torch.corrcoef(torch.stack([a, b]))[0, 1]) > 0.5

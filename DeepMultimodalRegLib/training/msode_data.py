@@ -62,6 +62,11 @@ def raw_anatomies(data_dir: Path | None = None) -> list[tuple[str, Volume, Volum
     labels = torch.stack([other, gm, wm]).argmax(0).int() + 1
     labels = torch.where(t1.data > 0, labels, torch.zeros_like(labels))
     out.append(("mni152_t1", t1, t1.with_data(labels, name="mni152_labels")))
+    # a whole head (skull, scalp, neck) as the held-out Kirby21 scans show, where the two above are
+    # brain-only or nearly so: without it a deformable model meets tissue it never saw at test time
+    t1 = _read(data_dir / "colin27" / "t1.nii.gz")
+    aal = _read(data_dir / "colin27" / "aal_labels.nii.gz")
+    out.append(("colin27_t1", t1, aal.with_data(aal.data.round().int(), name="colin27_aal")))
     return out
 
 
