@@ -63,7 +63,7 @@ def msode_model_card(summary: dict, benchmark: dict | None = None, history: str 
     if history:
         lines += ["", "## Training history", "", history.strip()]
     if benchmark:
-        lines += ["", "## Benchmark", "", "`benchmarks/msode.py` (docs/benchmarks.md), held-out Kirby21 pairs (all ranges pooled):", ""]
+        lines += ["", "## Benchmark", "", "`benchmarks/msode.py` (docs/benchmarks.md), held-out Kirby21 pairs, per motion and rotation range:", ""]
         lines += [f"- {k}: {val}" for k, val in benchmark.items()]
     lines += ["", "## Loading", "",
               "`DeepMultimodalRegLib.msode.load_model(kind)` verifies the SHA-256 in `manifest.json` and loads with",
