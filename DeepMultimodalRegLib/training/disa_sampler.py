@@ -129,11 +129,12 @@ def sample_crop_pair(fitted_volume: torch.Tensor, regressor_volume: torch.Tensor
     s = len(sites)
     targets_all = targets_against_all_sites(f, r, sites[anchor_sites]).reshape(anchors, -1)  # [K, S³]
     t = torch.rand(anchors, 1, generator=generator).to(targets_all.device)
-    pick = (targets_all - t).abs().argmin(1).cpu()
+    pick = (targets_all - t).abs().argmin(1)
+    chosen = targets_all.gather(1, pick[:, None])[:, 0]
+    pick = pick.cpu()  # site indices live with the anchors' (CPU)
     partner_sites = torch.stack([pick // (s * s), (pick // s) % s, pick % s], 1)
     first = int(sites[0]) // STRIDE  # descriptor index of site 0
-    return CropPair(f.float(), r.float(), anchor_sites + first, partner_sites + first,
-                    targets_all[torch.arange(anchors, device=targets_all.device), pick.to(targets_all.device)])
+    return CropPair(f.float(), r.float(), anchor_sites + first, partner_sites + first, chosen)
 
 
 @dataclass
