@@ -12,7 +12,7 @@ from DeepMultimodalRegLib.metrics import disa_target
 from DeepMultimodalRegLib.networks.disa_net import DISANet
 from DeepMultimodalRegLib.training.disa_sampler import (CROP, Augmentation, equalised_weights, sample_crop_pair,
                                                         sample_dense_crop_pair, site_indices,
-                                                        targets_against_all_sites)
+                                                        t_sampling_weights, targets_against_all_sites)
 from DeepMultimodalRegLib.training.disa_train import dense_loss
 
 
@@ -74,6 +74,27 @@ def test_equalised_weights_give_every_target_bin_the_same_weight():
     assert torch.isclose(w.sum(), torch.tensor(1.0))
     for value in (0.05, 0.55, 0.97):
         assert torch.isclose(w[targets == value].sum(), torch.tensor(1 / 3))
+
+
+def test_t_sampling_weights_are_the_cells_of_the_closest_target_rule():
+    # one anchor: t ~ U[0, 1] picks the closest target, so 0.1 owns [0, 0.2], the two 0.3s share
+    # [0.2, 0.55] and 0.8 owns [0.55, 1]; the second anchor's weights are its own, and each
+    # anchor sums to 1/K
+    targets = torch.tensor([[0.3, 0.1, 0.8, 0.3], [0.0, 0.0, 0.0, 0.4]])
+    w = t_sampling_weights(targets)
+    expected = torch.tensor([[0.175, 0.2, 0.45, 0.175], [0.2 / 3, 0.2 / 3, 0.2 / 3, 0.8]]) / 2
+    assert torch.allclose(w, expected, atol=1e-6)
+
+
+def test_t_sampling_weights_match_the_paper_sampler_drawn_many_times():
+    g = torch.Generator().manual_seed(3)
+    targets = torch.rand(3, 2, 2, 5, generator=g) * 0.7  # [K, S, S, S]-like; no ties
+    w = t_sampling_weights(targets).reshape(3, -1) * 3
+    t = torch.rand(100_000, generator=g)
+    for k in range(3):
+        picked = (targets[k].reshape(-1)[None] - t[:, None]).abs().argmin(1)
+        frequency = torch.bincount(picked, minlength=20).float() / t.numel()
+        assert torch.allclose(frequency, w[k], atol=0.006)
 
 
 def test_dense_targets_agree_with_the_t_sampled_ones(prepared_pair):
@@ -199,3 +220,34 @@ def test_training_runs_on_the_chosen_device_and_draws_the_same_pairs_there(prepa
     assert summary["device"].startswith(device) and summary["steps"] == 2
     weights = torch.load(tmp_path / "disa.pt", weights_only=True)
     assert all(v.device.type == "cpu" for v in weights.values())
+
+
+def test_an_unknown_loss_weighting_is_refused_before_any_work(tmp_path):
+    from DeepMultimodalRegLib.errors import InvalidParameterError
+    from DeepMultimodalRegLib.training.disa_train import DisaTrainingConfig, train_disa
+
+    with pytest.raises(InvalidParameterError, match="loss weighting"):
+        train_disa(tmp_path / "run", DisaTrainingConfig(loss_weighting="uniform"), data_dir=tmp_path / "missing")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_cli_flags_reach_the_training_config(tmp_path):
+    """`train disa` flags land in the recipe's config (what a model card's command line relies on)."""
+    from DeepMultimodalRegLib.cli.main import build_parser
+    from DeepMultimodalRegLib.errors import InvalidParameterError
+    from DeepMultimodalRegLib.training.disa_cli import config_from_args
+
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")
+    args = build_parser().parse_args(["train", "disa", "-o", "x", "--loss-weighting", "t-sampling",
+                                      "--learning-rate", "1e-4", "--crop-pairs-per-step", "4", "--device", "cpu",
+                                      "--init-weights", str(weights), "--minutes", "5", "--steps", "300"])
+    config = config_from_args(args)
+    assert (config.loss_weighting, config.learning_rate, config.crop_pairs_per_step, config.device,
+            config.init_weights, config.max_minutes, config.steps) == \
+        ("t-sampling", 1e-4, 4, "cpu", str(weights), 5.0, 300)
+    default = config_from_args(build_parser().parse_args(["train", "disa", "-o", "x"]))
+    assert (default.loss_weighting, default.device, default.init_weights) == ("bins", "auto", None)
+    with pytest.raises(InvalidParameterError, match="initial weights not found"):
+        config_from_args(build_parser().parse_args(["train", "disa", "-o", "x", "--init-weights",
+                                                    str(tmp_path / "missing.pt")]))

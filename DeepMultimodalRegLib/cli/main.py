@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-steps", type=int, help="disa: learning-rate warm-up steps")
     t.add_argument("--crop-pairs-per-step", type=int,
                    help="disa: crop pairs per optimiser step (default 1; a GPU affords many more)")
+    t.add_argument("--loss-weighting", choices=("t-sampling", "bins"),
+                   help="disa: weight of each patch pair in the loss (default bins: equal weight per target bin, "
+                        "pooled over anchors; t-sampling: the paper's sampler in expectation, anchor by anchor)")
     # --- msode (issue 8)
     t.add_argument("--kind", choices=("rigid", "bspline", "dense"), default="rigid",
                    help="msode: the parameterisation to train (default rigid)")
@@ -317,35 +320,9 @@ def cmd_train(args) -> int:
         return cli_train_sopi(args)
     if args.what != "disa":
         return cmd_not_available(args)
-    from ..fileio import check_output_dir
-    from ..progress import TqdmProgress
-    from ..training.disa_train import DisaTrainingConfig, train_disa
+    from ..training.disa_cli import cli_train_disa
 
-    out = check_output_dir(args.output)
-    config = DisaTrainingConfig(seed=args.seed)
-    if args.quick:
-        config = DisaTrainingConfig(steps=20, anchors_per_crop=64, validation_crop_pairs=2, validation_every=10,
-                                    checkpoint_every=10, warmup_steps=5, seed=args.seed)
-    if args.steps:
-        config.steps = args.steps
-    config.device = args.device
-    for name in ("init_weights", "aligned_jitter", "aligned_probability", "learning_rate", "warmup_steps",
-                 "crop_pairs_per_step"):
-        if getattr(args, name, None) is not None:
-            setattr(config, name, getattr(args, name))
-    if config.init_weights and not Path(config.init_weights).is_file():
-        raise InvalidParameterError(f"initial weights not found: {config.init_weights}")
-    config.max_minutes = args.minutes
-    bar = TqdmProgress("train disa")
-    try:
-        summary = train_disa(out, config, data_dir=args.data_dir, progress=bar)
-    finally:
-        bar.close()
-    v = summary["final_validation"]
-    state = "finished" if summary["finished"] else "stopped (run again to resume)"
-    print(f"{state} at step {summary['steps']} after {summary['seconds']:.0f} s: validation MSE {v['mse']:.4f}, "
-          f"Pearson {v['pearson']:.3f} on {v['pairs']} held-out pairs; weights {out / 'disa.pt'}")
-    return 0
+    return cli_train_disa(args)
 
 
 # --- SOPI 2D/3D (issue 7): drr and register2d3d ---

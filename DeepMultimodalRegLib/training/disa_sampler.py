@@ -198,6 +198,40 @@ def sample_dense_crop_pair(fitted_volume: torch.Tensor, regressor_volume: torch.
     return DenseCropPair(f.float(), r.float(), anchor_sites + first, targets)
 
 
+def t_sampling_weights(targets: torch.Tensor) -> torch.Tensor:
+    """Per-pair loss weights equal to the probability that the paper's sampler picks each pair.
+
+    ``targets`` is [K, ...]: K anchors, each against every candidate site.  The paper draws
+    t ~ U[0, 1] for an anchor and takes the candidate whose target is closest to t, so candidate j
+    is picked with probability equal to the length of its cell of [0, 1] (from halfway to the next
+    lower target to halfway to the next higher one; the lowest cell starts at 0, the highest ends
+    at 1); candidates with equal targets share their cell.  Each anchor's weights sum to 1 / K.
+
+    This is the paper's sampling in expectation, anchor by anchor: every anchor's best match weighs
+    most (the highest target alone gets 1 − its midpoint).  The resulting target distribution
+    depends on how many candidates an anchor has: the paper's are all patches of a whole volume,
+    here the 1331 sites of a crop, so a network fitted this way is calibrated to crops
+    (docs/benchmarks.md, DISA loss weighting A/B).
+    """
+    k = targets.shape[0]
+    values = targets.reshape(k, -1).clamp(0, 1).double()
+    n = values.shape[1]
+    ordered, order = values.sort(1)
+    midpoints = (ordered[:, 1:] + ordered[:, :-1]) / 2
+    lower = torch.cat([torch.zeros_like(ordered[:, :1]), midpoints], 1)
+    upper = torch.cat([midpoints, torch.ones_like(ordered[:, :1])], 1)
+    cells = upper - lower
+    # ties share their cells: a group id per run of equal values (unique across anchors)
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    group = (starts.long().cumsum(1) - 1 + n * torch.arange(k, device=targets.device)[:, None]).reshape(-1)
+    total = torch.zeros(k * n, dtype=cells.dtype, device=cells.device).index_add_(0, group, cells.reshape(-1))
+    count = torch.zeros_like(total).index_add_(0, group, torch.ones_like(total))
+    shared = (total / count.clamp_min(1))[group].reshape(k, n)
+    weights = torch.empty_like(shared).scatter_(1, order, shared)
+    return (weights / k).to(targets.dtype).reshape(targets.shape)
+
+
 def equalised_weights(targets: torch.Tensor, bins: int = 10) -> torch.Tensor:
     """Per-pair loss weights that give every target bin of [0, 1] the same total weight: the
     histogram-flattening that the paper's t-sampling achieves by drawing t ~ U[0, 1]."""
