@@ -263,8 +263,20 @@ def run_method(method: str, fixed: Volume, moving: Volume, seed: int, args):
         extra = {"starts": args.starts, "range_deg": args.range_deg, "range_mm": args.range_mm}
     if method == "lc2-local" and args.lc2_max_evaluations:
         extra = {"max_evaluations": args.lc2_max_evaluations}
+    if method.startswith("disa") and args.disa_weights:
+        extra["model"] = candidate_disa_network(args.disa_weights, args.device)
     options = RegistrationOptions(search=search, device=args.device, seed=seed, extra=extra)
     return get_method(name).runner(fixed, moving, options)
+
+
+def candidate_disa_network(path: Path, device: str):
+    """A DISA network with weights from ``path`` (a state_dict, loaded with weights_only=True) instead
+    of the shipped ones: measure candidate weights on the registration engine before shipping them."""
+    from DeepMultimodalRegLib.networks.disa_net import DISANet
+
+    model = DISANet()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.to(device).eval()
 
 
 def _search_stage(result) -> tuple[float | None, int | None]:
@@ -526,6 +538,9 @@ def parse_args(argv=None):
     ap.add_argument("--margin-mm", type=float, default=110.0, help="moving field of view = fixed + this per side")
     ap.add_argument("--success-mm", type=float, default=2.0)
     ap.add_argument("--points", type=int, default=2000, help="brain/body points of the error")
+    ap.add_argument("--disa-weights", type=Path, default=None,
+                    help="disa-*: a DISA state_dict to measure instead of the shipped `disa` weights "
+                         "(its SHA-256 goes into the record)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2, help="torch and SimpleITK threads")
     ap.add_argument("--seed", type=int, default=0)
@@ -565,7 +580,8 @@ def write_json(record: dict, path: Path) -> None:
 
 
 #: settings a resumed run must share with the record it continues
-_RESUME_KEYS = ("seed", "margin_mm", "starts", "range_deg", "range_mm", "success_mm", "points", "device")
+_RESUME_KEYS = ("seed", "margin_mm", "starts", "range_deg", "range_mm", "success_mm", "points", "device",
+                "disa_weights")
 
 
 def main(argv=None) -> dict:
@@ -605,6 +621,10 @@ def main(argv=None) -> dict:
     if previous and "evaluation_cost" in previous:
         record["evaluation_cost"] = previous["evaluation_cost"]
     record["machine"]["simpleitk_threads"] = args.threads
+    if args.disa_weights:
+        import hashlib
+
+        record["disa_weights_sha256"] = hashlib.sha256(Path(args.disa_weights).read_bytes()).hexdigest()
     load = record["machine"].get("load_average_at_start")
     if load and load[0] > 0.5 * (os.cpu_count() or 1):
         log(f"warning: load average {load[0]} on {os.cpu_count()} cores: other work is running, times (and "
