@@ -251,3 +251,19 @@ def test_cli_flags_reach_the_training_config(tmp_path):
     with pytest.raises(InvalidParameterError, match="initial weights not found"):
         config_from_args(build_parser().parse_args(["train", "disa", "-o", "x", "--init-weights",
                                                     str(tmp_path / "missing.pt")]))
+
+
+def test_model_card_states_the_loss_weighting_and_the_jitter_of_its_run():
+    from dataclasses import asdict
+
+    from DeepMultimodalRegLib.training.disa_train import DisaTrainingConfig
+    from DeepMultimodalRegLib.training.publish import disa_model_card
+
+    validation = {"pairs": 10, "mse": 0.04, "pearson": 0.4, "target_mean": 0.3, "target_std": 0.1}
+    summary = {"steps": 5, "seconds": 60.0, "threads": 1, "finished": True, "train_mse_running": 0.05,
+               "train_scans": ["a"], "validation_scans": ["b"], "final_validation": validation}
+    card = disa_model_card({**summary, "config": asdict(DisaTrainingConfig())})
+    assert "10 bins, equal total weight" in card and "shifted by up to" not in card
+    tuned = asdict(DisaTrainingConfig(loss_weighting="t-sampling", aligned_jitter=2))
+    card = disa_model_card({**summary, "config": tuned})
+    assert "t-sampling picks it for its anchor" in card and "shifted by up to 2 voxels" in card

@@ -34,6 +34,14 @@ def publish_weights(weights: Path, name: str, method: str, card_text: str, descr
     return entry
 
 
+#: the card's words for DisaTrainingConfig.loss_weighting
+_LOSS_WEIGHTING_TEXT = {
+    "bins": "pair weights flatten the target histogram over [0, 1] (10 bins, equal total weight, all "
+            "anchors pooled)",
+    "t-sampling": "each pair weighs the probability that the paper's t-sampling picks it for its anchor",
+}
+
+
 def disa_model_card(summary: dict, benchmark: dict | None = None) -> str:
     """The DISA model card from a training run's summary.json (and the descriptor benchmark)."""
     c = summary["config"]
@@ -55,10 +63,11 @@ def disa_model_card(summary: dict, benchmark: dict | None = None) -> str:
         "## Sampler",
         "- Crops of 65³ voxels, sites every 4 voxels at ≥ 12 voxels from the faces (11³ per crop);",
         f"  {c['anchors_per_crop']} anchors per crop pair, picked ∝ local variance (radius 7), each paired with",
-        "  every site of the other crop (dense loss); pair weights flatten the target histogram over [0, 1]",
-        "  (10 bins, equal total weight), the paper's t-sampling in expectation. Validation pairs use the",
-        "  paper's sampler itself (partner = the site whose target is closest to t ~ U[0, 1]).",
-        f"- Co-registered scans (Kirby21 T1/T2/FLAIR) use the same crop place with probability {c['aligned_probability']}.",
+        f"  every site of the other crop (dense loss); {_LOSS_WEIGHTING_TEXT[c.get('loss_weighting', 'bins')]}.",
+        "  Validation pairs use the paper's sampler itself (partner = the site whose target is closest to",
+        "  t ~ U[0, 1]).",
+        f"- Co-registered scans (Kirby21 T1/T2/FLAIR) use the same crop place with probability {c['aligned_probability']}"
+        + (f", shifted by up to {c['aligned_jitter']} voxels per axis." if c.get("aligned_jitter") else "."),
         "- Augmentation: the same random cube symmetry (axis permutation + flips) for both crops, and an",
         "  independent random sign and affine intensity change per crop (LC² targets unchanged).",
         "",
