@@ -194,3 +194,35 @@ def test_demo_deep_runs_general_iso_rso_on_the_ct_and_reports_in_box_errors(tmp_
     assert (out / deep["folder"] / "rso" / "deep_session.json").exists()  # `deepmmreg refine` can continue it
     page = (out / "index.html").read_text(encoding="utf-8")
     assert "Interactive deep refinement" in page and f"{deep['folder']}/rso/report.png" in page
+
+
+def test_training_runs_get_a_progress_bar_that_closes_however_they_end(monkeypatch):
+    from DeepMultimodalRegLib.training import budget_args
+
+    closed = []
+
+    class Bar:
+        def __init__(self, label):
+            self.label = label
+
+        def __call__(self, fraction, message=""):
+            pass
+
+        def close(self):
+            closed.append(self.label)
+
+    monkeypatch.setattr("DeepMultimodalRegLib.progress.TqdmProgress", Bar)
+
+    def train(out, config, progress=None, data_dir=None):
+        progress(1.0, "done")
+        if config == "fail":
+            raise RuntimeError("boom")
+        return {"finished": config == "all", "out": out, "data_dir": data_dir}
+
+    summary = budget_args.run_with_progress_bar("train x", train, "o", "all", data_dir="d")
+    assert summary["out"] == "o" and summary["data_dir"] == "d" and closed == ["train x"]
+    assert budget_args.run_state(summary) == "finished"
+    assert budget_args.run_state({"finished": False}) == "stopped (run again to resume)"
+    with pytest.raises(RuntimeError):
+        budget_args.run_with_progress_bar("train y", train, "o", "fail")
+    assert closed == ["train x", "train y"]

@@ -301,7 +301,7 @@ def train_general(out_dir: str | Path, config: GeneralTrainingConfig | None = No
 def cli_train_general(args) -> int:
     """``deepmmreg train general -o DIR [--steps N] [--minutes M] [--quick] [--seed S] [--data-dir D]``."""
     from ..fileio import check_output_dir
-    from ..progress import TqdmProgress
+    from ..training.budget_args import run_state, run_with_progress_bar
 
     out = check_output_dir(args.output)
     from ..device import resolve_device
@@ -319,14 +319,9 @@ def cli_train_general(args) -> int:
     if getattr(args, "learning_rate", None) is not None:
         config.learning_rate = args.learning_rate
     config.max_minutes = args.minutes
-    bar = TqdmProgress("train general")
-    try:
-        summary = train_general(out, config, data_dir=args.data_dir, progress=bar)
-    finally:
-        bar.close()
+    summary = run_with_progress_bar("train general", train_general, out, config, data_dir=args.data_dir)
     v = summary["final_validation"]
-    state = "finished" if summary["finished"] else "stopped (run again to resume)"
-    print(f"{state} at step {summary['steps']} after {summary['seconds']:.0f} s: held-out MSE "
+    print(f"{run_state(summary)} at step {summary['steps']} after {summary['seconds']:.0f} s: held-out MSE "
           f"{v['mse_identity']:.5f} -> {v['mse_model']:.5f}, displacement error {v['displacement_error_identity_mm']:.2f}"
           f" -> {v['displacement_error_model_mm']:.2f} mm on {v['pairs']} pairs; weights {out / 'general.pt'}")
     return 0

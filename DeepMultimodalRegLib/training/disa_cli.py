@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import InvalidParameterError
 from ..fileio import check_output_dir
-from ..progress import TqdmProgress
+from .budget_args import run_state, run_with_progress_bar
 from .disa_train import DisaTrainingConfig, train_disa
 
 #: command-line options copied into the recipe's config when given (same names there)
@@ -34,13 +34,8 @@ def config_from_args(args) -> DisaTrainingConfig:
 def cli_train_disa(args) -> int:
     out = check_output_dir(args.output)
     config = config_from_args(args)
-    bar = TqdmProgress("train disa")
-    try:
-        summary = train_disa(out, config, data_dir=args.data_dir, progress=bar)
-    finally:
-        bar.close()
+    summary = run_with_progress_bar("train disa", train_disa, out, config, data_dir=args.data_dir)
     v = summary["final_validation"]
-    state = "finished" if summary["finished"] else "stopped (run again to resume)"
-    print(f"{state} at step {summary['steps']} after {summary['seconds']:.0f} s: validation MSE {v['mse']:.4f}, "
+    print(f"{run_state(summary)} at step {summary['steps']} after {summary['seconds']:.0f} s: validation MSE {v['mse']:.4f}, "
           f"Pearson {v['pearson']:.3f} on {v['pairs']} held-out pairs; weights {out / 'disa.pt'}")
     return 0

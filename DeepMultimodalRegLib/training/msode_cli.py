@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from ..fileio import check_output_dir
-from ..progress import TqdmProgress
-from .budget_args import training_budget
+from .budget_args import run_state, run_with_progress_bar, training_budget
 from .msode_train import MSODETrainingConfig, train_msode
 
 
@@ -37,14 +36,9 @@ def config_from_args(args) -> MSODETrainingConfig:
 def cli_train_msode(args) -> int:
     out = check_output_dir(args.output)
     config = config_from_args(args)
-    bar = TqdmProgress(f"train msode {config.kind}")
-    try:
-        summary = train_msode(out, config, data_dir=args.data_dir, progress=bar)
-    finally:
-        bar.close()
+    summary = run_with_progress_bar(f"train msode {config.kind}", train_msode, out, config, data_dir=args.data_dir)
     v0, v = summary["initial_validation"], summary["final_validation"]
-    state = "finished" if summary["finished"] else "stopped (run again to resume)"
-    print(f"{state} at step {summary['steps']} after {summary['seconds']:.0f} s: validation transform RMSE "
+    print(f"{run_state(summary)} at step {summary['steps']} after {summary['seconds']:.0f} s: validation transform RMSE "
           f"{v0['rmse_mm']:.2f} -> {v['rmse_mm']:.2f} mm, L_sim {v0['sim']:.4f} -> {v['sim']:.4f}; "
           f"weights {summary['weights']}")
     return 0

@@ -7,11 +7,10 @@ from pathlib import Path
 from ..errors import InvalidParameterError
 from ..fileio import check_output_dir
 from ..image.io import read_volume
-from ..progress import TqdmProgress
 from ..sopi.geometry import read_geometry
 from ..sopi.patient import spine_label_ids, structure_mask
 from ..sopi.register import validate_ct
-from .budget_args import training_budget
+from .budget_args import run_state, run_with_progress_bar, training_budget
 from .sopi_train import SopiTrainingConfig, train_sopi
 
 
@@ -48,15 +47,10 @@ def cli_train_sopi(args) -> int:
         source = (f"spine (vertebrae and sacrum, {len(ids)} labels of {table.name}) of {Path(args.labels).name}" if ids
                   else f"all non-zero labels of {Path(args.labels).name}")
     mask = structure_mask(ct, labels, ids)
-    bar = TqdmProgress("train sopi")
-    try:
-        summary = train_sopi(ct, mask, geometry, out, config, progress=bar, mask_source=source)
-    finally:
-        bar.close()
+    summary = run_with_progress_bar("train sopi", train_sopi, ct, mask, geometry, out, config, mask_source=source)
     v = summary["validation"]
-    state = "finished" if summary["finished"] else "stopped (run again to resume)"
     parts = [f"{k}: {v[k]['rotation_error_deg']:.2f}° / {v[k]['translation_error_mm']:.2f} mm, "
              f"{100 * v[k]['failure_rate']:.0f}% failures" for k in ("rtpi", "fine") if k in v]
-    print(f"{state}: {summary['rtpi_steps']} RTPI + {summary['fine_steps']} fine steps in {summary['seconds']:.0f} s; "
+    print(f"{run_state(summary)}: {summary['rtpi_steps']} RTPI + {summary['fine_steps']} fine steps in {summary['seconds']:.0f} s; "
           f"validation ({v['cases']} simulated X-rays) " + "; ".join(parts) + f"; model folder {out}")
     return 0

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from ..fileio import check_output_dir
-from ..progress import TqdmProgress
-from .budget_args import training_budget
+from .budget_args import run_state, run_with_progress_bar, training_budget
 from .translation_train import TranslationTrainingConfig, train_translation
 
 
@@ -25,14 +24,9 @@ def config_from_args(args) -> TranslationTrainingConfig:
 def cli_train_translation(args) -> int:
     out = check_output_dir(args.output)
     config = config_from_args(args)
-    bar = TqdmProgress("train translation")
-    try:
-        summary = train_translation(out, config, data_dir=args.data_dir, progress=bar)
-    finally:
-        bar.close()
+    summary = run_with_progress_bar("train translation", train_translation, out, config, data_dir=args.data_dir)
     v0, v = summary["initial_validation"], summary["final_validation"]
-    state = "finished" if summary["finished"] else "stopped (run again to resume)"
-    print(f"{state} at step {summary['steps']} after {summary['seconds']:.0f} s: validation self-reconstruction "
+    print(f"{run_state(summary)} at step {summary['steps']} after {summary['seconds']:.0f} s: validation self-reconstruction "
           f"{v0['x']:.3f} -> {v['x']:.3f}, cycle {v0['cyc']:.3f} -> {v['cyc']:.3f}, content ratio (same anatomy / "
           f"other slice) {v0['content_ratio']:.3f} -> {v['content_ratio']:.3f}; weights {summary['weights']}")
     return 0
