@@ -248,6 +248,8 @@ def test_cli_flags_reach_the_training_config(tmp_path):
         ("t-sampling", 1e-4, 4, "cpu", str(weights), 5.0, 300)
     default = config_from_args(build_parser().parse_args(["train", "disa", "-o", "x"]))
     assert (default.loss_weighting, default.device, default.init_weights) == ("bins", "auto", None)
+    with pytest.raises(InvalidParameterError, match="--steps"):
+        config_from_args(build_parser().parse_args(["train", "disa", "-o", "x", "--steps", "0"]))
     with pytest.raises(InvalidParameterError, match="initial weights not found"):
         config_from_args(build_parser().parse_args(["train", "disa", "-o", "x", "--init-weights",
                                                     str(tmp_path / "missing.pt")]))

@@ -64,6 +64,7 @@ SimpleITK's on the same pair; DISA per-evaluation cost ≥ 300× cheaper than LC
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -269,9 +270,11 @@ def run_method(method: str, fixed: Volume, moving: Volume, seed: int, args):
     return get_method(name).runner(fixed, moving, options)
 
 
+@functools.lru_cache(maxsize=2)
 def candidate_disa_network(path: Path, device: str):
     """A DISA network with weights from ``path`` (a state_dict, loaded with weights_only=True) instead
-    of the shipped ones: measure candidate weights on the registration engine before shipping them."""
+    of the shipped ones: measure candidate weights on the registration engine before shipping them.
+    Cached: every run of a benchmark uses the same network, read once."""
     from DeepMultimodalRegLib.networks.disa_net import DISANet
 
     model = DISANet()

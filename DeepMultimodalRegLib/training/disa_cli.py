@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import InvalidParameterError
 from ..fileio import check_output_dir
-from .budget_args import run_state, run_with_progress_bar
+from .budget_args import run_state, run_with_progress_bar, training_budget
 from .disa_train import DisaTrainingConfig, train_disa
 
 #: command-line options copied into the recipe's config when given (same names there)
@@ -19,15 +19,15 @@ def config_from_args(args) -> DisaTrainingConfig:
     if args.quick:  # a few steps with few anchors, to check the set-up
         config = DisaTrainingConfig(steps=20, anchors_per_crop=64, validation_crop_pairs=2, validation_every=10,
                                     checkpoint_every=10, warmup_steps=5, seed=args.seed)
-    if args.steps:
-        config.steps = args.steps
+    steps, config.max_minutes = training_budget(args)
+    if steps is not None:
+        config.steps = steps
     config.device = getattr(args, "device", None) or "auto"
     for name in _OPTIONAL:
         if getattr(args, name, None) is not None:
             setattr(config, name, getattr(args, name))
     if config.init_weights and not Path(config.init_weights).is_file():
         raise InvalidParameterError(f"initial weights not found: {config.init_weights}")
-    config.max_minutes = args.minutes
     return config
 
 
