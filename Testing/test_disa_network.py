@@ -226,6 +226,23 @@ def test_compute_descriptors_on_a_real_volume(model, sample_t1):
         compute_descriptors(model, volume.with_data(bad), device="cpu")
 
 
+
+def test_sign_symmetric_descriptors_are_the_mean_over_the_sign_and_sign_invariant(model, t1_block):
+    data = t1_block[:49, :53, :50].contiguous()
+    volume = Volume(data, ImageGeometry(shape=data.shape, spacing=(2.0, 2.0, 2.0)))
+    raw, _ = compute_descriptors(model, volume, device="cpu")
+    raw_negative, _ = compute_descriptors(model, volume.with_data(-data), device="cpu")
+    assert (raw - raw_negative).abs().max() > 1e-3  # the network alone is not sign invariant
+    sym, geometry = compute_descriptors(model, volume, device="cpu", sign_symmetric=True)
+    sym_negative, _ = compute_descriptors(model, volume.with_data(-data), device="cpu", sign_symmetric=True)
+    assert geometry == descriptor_geometry(volume.geometry) and sym.shape == raw.shape
+    # oracle: the two raw passes averaged by hand
+    assert torch.allclose(sym, 0.5 * (raw + raw_negative), rtol=0, atol=1e-6)
+    assert torch.allclose(sym, sym_negative, rtol=0, atol=1e-6)
+    assert torch.linalg.vector_norm(sym, dim=0).max() <= 1 + 1e-6
+    slabs, _ = compute_descriptors(model, volume, device="cpu", chunk=24, sign_symmetric=True)
+    assert torch.allclose(sym, slabs, rtol=0, atol=1e-6)
+
 # ---------------------------------------------------------------------------- small volumes
 def test_small_volumes_are_padded_without_warning_and_keep_their_grid(model):
     torch.manual_seed(4)

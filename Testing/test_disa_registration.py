@@ -142,6 +142,60 @@ def test_feature_maps_of_the_inputs_are_not_modified(sample_t1, sample_t2):
     assert torch.equal(before[0], sample_t1.data) and torch.equal(before[1], sample_t2.data)
 
 
+
+def test_disa_features_do_not_depend_on_the_sign_of_either_image(sample_t1, sample_t2):
+    """LC² ignores the sign of either image; the engine's (sign-symmetric) DISA maps do too, exactly,
+    where the raw network output does not.  ``moving_modality`` is given because a negated MR would
+    otherwise be guessed to be a CT."""
+    negative = sample_t2.with_data(-sample_t2.data.float())
+    plain = disa_features(sample_t1, sample_t2, CPU, moving_modality="MR")
+    flipped = disa_features(sample_t1, negative, CPU, moving_modality="MR")
+    assert torch.allclose(plain.moving.data, flipped.moving.data, rtol=0, atol=1e-5)
+    raw = disa_features(sample_t1, sample_t2, CPU, moving_modality="MR", sign_symmetric=False)
+    raw_flipped = disa_features(sample_t1, negative, CPU, moving_modality="MR", sign_symmetric=False)
+    assert (raw.moving.data - raw_flipped.moving.data).abs().max() > 1e-2
+    with pytest.raises(InvalidParameterError, match="unknown option"):
+        _register("disa-rigid", sample_t1, sample_t2, disa_sign_symetric=False)
+
+
+def test_local_search_keeps_the_start_when_the_coarse_level_points_elsewhere():
+    """Feature maps built so the pooled (coarse) level and the full-resolution level disagree: four
+    channels of checkerboard-signed noise, identical in fixed and moving (a sharp full-resolution
+    peak at the identity that 2×2×2 pooling cancels exactly), and one smooth blob channel whose
+    moving copy sits 40 mm away (all that the pooled maps see).  Started at the identity, the coarse level alone
+    would carry the pose 40 mm off; the local search must return the identity, whose full-resolution
+    similarity is higher."""
+    from DeepMultimodalRegLib.disa.search import SearchSettings, search_pose
+    from DeepMultimodalRegLib.image.geometry import ImageGeometry
+
+    n, spacing = 40, 4.0
+    geometry = ImageGeometry(shape=(n, n, n), spacing=(spacing,) * 3, origin=(-(n - 1) * spacing / 2,) * 3)
+    g = torch.Generator().manual_seed(3)
+    blocks = torch.randn(4, n // 2, n // 2, n // 2, generator=g, dtype=torch.float64)
+    blocks = blocks.repeat_interleave(2, 1).repeat_interleave(2, 2).repeat_interleave(2, 3)
+    i = torch.arange(n)
+    checkerboard = (-1.0) ** (i[:, None, None] + i[None, :, None] + i[None, None, :]).double()
+    noise = 4.0 * blocks * checkerboard
+    axis = (torch.arange(n, dtype=torch.float64) - (n - 1) / 2) * spacing
+    z, y, x = torch.meshgrid(axis, axis, axis, indexing="ij")
+
+    def blob(shift_x_mm):
+        return torch.exp(-((x - shift_x_mm) ** 2 + y ** 2 + z ** 2) / (2 * 25.0 ** 2))[None]
+
+    fixed = torch.cat([noise, blob(0.0)])
+    moving = torch.cat([noise, blob(40.0)])
+    pair = FeaturePair(FeatureMap(fixed, geometry), FeatureMap(moving, geometry), torch.ones(n, n, n,
+                       dtype=torch.float64), "dot", 1)
+    p = RigidParametrization(torch.zeros(3, dtype=torch.float64), 50.0)
+    x0 = p.initial(RigidTransform.identity(center=(0.0, 0.0, 0.0)).to(dtype=torch.float64))
+    coarse = FeatureObjective(pair.coarse(), 3000)
+    coarse_only = batched_lbfgs(lambda v: -coarse.value(p.transform(v)), x0.clone(), 30)
+    drifted = p.transform(coarse_only.x).parameters[0]
+    assert float(drifted[3:].norm()) > 20  # the construction works: the coarse level drifts
+    outcome = search_pose(pair, p, x0, SearchSettings(search="local", coarse_points=3000, fine_points=12000))
+    found = p.transform(outcome.x).parameters[0]  # radians, mm
+    assert float(found[3:].norm()) < 2.0 and float(found[:3].abs().max()) < math.radians(0.5)
+
 # ------------------------------------------------------------------------------ known transforms
 def test_rigid_15mm_10deg_recovered_by_local_search(kirby):
     """Kirby21 T2 moved by a known 10° / 15 mm rigid transform, registered onto the T1."""
@@ -250,13 +304,14 @@ def test_written_transform_resamples_in_simpleitk_like_the_warped_output(tmp_pat
     assert float(diff.mean()) < 1e-3 * float(np.abs(sitk.GetArrayFromImage(reference)).max())
 
 
-#: The issue's target for DISA is 1.5 mm (as MIND-SSC reaches on the same engine above).  The shipped
-#: DISA weights (a first 53-minute CPU training run, Pearson 0.34 with LC² on held-out scans) put
-#: the optimum 4–6 mm from the true pose on this pair (docs/benchmarks.md), so these bounds assert
-#: what they do reach — the error at least halved — and must be tightened to 1.5 mm once better
-#: trained weights ship.
-DISA_RIGID_BOUND_MM = 7.5
-DISA_AFFINE_BOUND_MM = 7.5
+#: The issue's target for DISA is 1.5 mm (as MIND-SSC reaches on the same engine above).  With the
+#: shipped weights (a first 53-minute CPU training run, Pearson 0.34 with LC² on held-out scans) the
+#: DISA optimum on Kirby21 T2 → T1 sits 2–2.5 mm from the true pose even when the search starts there
+#: (benchmarks/disa_optimum_bias.py), so these bounds assert what is reached (measured 2026-11-22 with
+#: the sign-symmetric descriptors: rigid 2.3 mm, affine 3.5 mm; raw network output 2.7 and 3.8 mm)
+#: plus about 30%.  Tighten them to 1.5 mm once better trained weights ship.
+DISA_RIGID_BOUND_MM = 3.0
+DISA_AFFINE_BOUND_MM = 4.5
 
 
 def test_a_search_larger_than_the_memory_budget_runs_in_chunks_with_the_same_result(sample_t1, sample_t2):

@@ -266,6 +266,8 @@ def run_method(method: str, fixed: Volume, moving: Volume, seed: int, args):
         extra = {"max_evaluations": args.lc2_max_evaluations}
     if method.startswith("disa") and args.disa_weights:
         extra["model"] = candidate_disa_network(args.disa_weights, args.device)
+    if method.startswith("disa") and args.disa_raw_descriptors:
+        extra["disa_sign_symmetric"] = False
     options = RegistrationOptions(search=search, device=args.device, seed=seed, extra=extra)
     return get_method(name).runner(fixed, moving, options)
 
@@ -541,6 +543,8 @@ def parse_args(argv=None):
     ap.add_argument("--margin-mm", type=float, default=110.0, help="moving field of view = fixed + this per side")
     ap.add_argument("--success-mm", type=float, default=2.0)
     ap.add_argument("--points", type=int, default=2000, help="brain/body points of the error")
+    ap.add_argument("--disa-raw-descriptors", action="store_true",
+                    help="DISA methods use the raw network output, not the sign-symmetric descriptors (the default)")
     ap.add_argument("--disa-weights", type=Path, default=None,
                     help="disa-*: a DISA state_dict to measure instead of the shipped `disa` weights "
                          "(its SHA-256 goes into the record)")

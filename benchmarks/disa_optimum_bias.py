@@ -10,7 +10,9 @@ image: any error is the objective's own), T2 and FLAIR (co-registered real contr
 by known rigid transforms (a pure translation, 10° and 35° rotations) with the moving field of view
 widened by ``--margin-mm``.  Error = mean distance over 3000 brain points between the found and the
 true transform (``evaluation.target_registration_error``).  Methods: ``disa-rigid`` and
-``mind-rigid`` (the same engine, MIND-SSC features), local search, ``initial`` = the truth.
+``mind-rigid`` (the same engine, MIND-SSC features), local search, ``initial`` = the truth;
+``disa-rigid-raw`` is ``disa-rigid`` on the raw network output instead of the sign-symmetric
+descriptors the engine uses by default (``disa_sign_symmetric=False``).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def at_2mm(volume):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--moving", default="t1,t2,flair", help="moving contrasts, from t1, t2, flair")
-    ap.add_argument("--methods", default="disa-rigid,mind-rigid")
+    ap.add_argument("--methods", default="disa-rigid,disa-rigid-raw,mind-rigid")
     ap.add_argument("--disa-weights", type=Path, default=None, help="a DISA state_dict instead of the shipped one")
     ap.add_argument("--margin-mm", type=float, default=30.0)
     ap.add_argument("--threads", type=int, default=2)
@@ -75,13 +77,16 @@ def main(argv=None) -> dict:
                 extra = {"initial": truth}
                 if model is not None and method.startswith("disa"):
                     extra["model"] = model
+                library_method = method.removesuffix("-raw")
+                if library_method != method:
+                    extra["disa_sign_symmetric"] = False
                 start = time.perf_counter()
-                result = get_method(method).runner(fixed, moving, RegistrationOptions(search="local", device="cpu",
+                result = get_method(library_method).runner(fixed, moving, RegistrationOptions(search="local", device="cpu",
                                                                                       seed=0, extra=extra))
                 error = target_registration_error(result.transform, truth, points)["mean_mm"]
                 rows.append({"moving": name, "rotation_deg": degrees, "translation_mm": mm, "method": method,
                              "error_from_truth_mm": error, "seconds": time.perf_counter() - start})
-                print(f"{name:5s} rot {degrees} {method:10s} optimum {error:.2f} mm from the truth", flush=True)
+                print(f"{name:5s} rot {degrees} {method:14s} optimum {error:.2f} mm from the truth", flush=True)
     record = {"benchmark": "distance of the similarity optimum from the truth (local search started at the truth)",
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "machine": machine_info([torch.device("cpu")]), "rows": rows}

@@ -132,16 +132,22 @@ def _masked_moving(prepared: Volume, moving_mask: Optional[Volume]) -> Volume:
 
 def disa_features(fixed: Volume, moving: Volume, device: torch.device, model: Optional[torch.nn.Module] = None,
                   fixed_mask: Optional[Volume] = None, moving_mask: Optional[Volume] = None,
-                  fixed_modality: str | None = None, moving_modality: str | None = None) -> FeaturePair:
-    """DISA descriptors of both volumes at the network's 2 mm spacing (descriptor grid 8 mm)."""
+                  fixed_modality: str | None = None, moving_modality: str | None = None,
+                  sign_symmetric: bool = True) -> FeaturePair:
+    """DISA descriptors of both volumes at the network's 2 mm spacing (descriptor grid 8 mm).
+
+    ``sign_symmetric`` (default): descriptors averaged over the image and its negative
+    (:func:`~DeepMultimodalRegLib.networks.disa_net.compute_descriptors`), which brings the
+    similarity's optimum closer to the true pose on real contrasts; False gives the raw network.
+    """
     import time
 
     start = time.perf_counter()
     model = model if model is not None else load_disa_network("disa", device=device)
     f = prepare_for_disa(fixed, DISA_SPACING_MM, fixed_modality)
     m = _masked_moving(prepare_for_disa(moving, DISA_SPACING_MM, moving_modality), moving_mask)
-    phi_f, grid_f = compute_descriptors(model, f.to(device), device)
-    phi_m, grid_m = compute_descriptors(model, m.to(device), device)
+    phi_f, grid_f = compute_descriptors(model, f.to(device), device, sign_symmetric=sign_symmetric)
+    phi_m, grid_m = compute_descriptors(model, m.to(device), device, sign_symmetric=sign_symmetric)
     weight = location_weights(f, OUTPUT_STRIDE, fixed_mask, grid_f).to(phi_f.device)
     common = centring_vector(phi_f, weight)
     return FeaturePair(FeatureMap(phi_f - common, grid_f), FeatureMap(phi_m - common, grid_m), weight, "dot", 1,
@@ -185,5 +191,6 @@ def feature_pair(kind: str, fixed: Volume, moving: Volume, device: torch.device,
         return disa_features(fixed, moving, device, **kwargs)
     if kind == "mind":
         kwargs.pop("model", None)
+        kwargs.pop("sign_symmetric", None)
         return mind_features(fixed, moving, device, **kwargs)
     raise InvalidParameterError(f"unknown feature kind {kind!r}; use 'disa' or 'mind'")

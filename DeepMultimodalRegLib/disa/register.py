@@ -12,7 +12,8 @@ One code path for both feature kinds, so DISA and MIND-SSC are compared on ident
 Options in ``RegistrationOptions.extra``: ``starts``, ``range_deg``, ``range_mm`` (global search),
 ``initial`` (a linear transform to start from instead of aligned image centres), ``deformable``
 ("dense" | "bspline"), ``control_spacing_mm``, ``model`` (a DISA network already loaded),
-``fixed_modality``/``moving_modality`` ("CT" | "MR", guessed otherwise).
+``fixed_modality``/``moving_modality`` ("CT" | "MR", guessed otherwise), ``disa_sign_symmetric``
+(default True: DISA descriptors averaged over each image and its negative; False: the raw network).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from .search import SearchSettings, search_pose
 
 _EXTRA_KEYS = {"starts", "range_deg", "range_mm", "initial", "deformable", "control_spacing_mm", "model",
                "fixed_modality", "moving_modality", "coarse_points", "fine_points", "coarse_iterations",
-               "fine_iterations", "keep", "memory_budget_bytes", "dense"}
+               "fine_iterations", "keep", "memory_budget_bytes", "dense", "disa_sign_symmetric"}
 
 
 def _boxes_overlap(a: Volume, b: Volume) -> bool:
@@ -116,6 +117,7 @@ def _register(kind: str, mode: str, fixed: Volume, moving: Volume, options: Regi
     initial = extra.get("initial") or centred_initial_pose(fixed, moving)
     scope(0.0, "computing features")
     pair: FeaturePair = feature_pair(kind, fixed, moving, device, model=extra.get("model"),
+                                     sign_symmetric=bool(extra.get("disa_sign_symmetric", True)),
                                      fixed_mask=options.fixed_mask, moving_mask=options.moving_mask,
                                      fixed_modality=extra.get("fixed_modality"),
                                      moving_modality=extra.get("moving_modality"))

@@ -2,7 +2,8 @@
 
 * **local**: from the initial pose (image centres aligned, unless the caller gives one), L-BFGS on
   the coarse level (feature maps pooled to ~16 mm blocks: smoother, wider basin, small maps that
-  stay in cache), then on the full-resolution maps.
+  stay in cache), then on the full-resolution maps from both the coarse result and the initial
+  pose; the better of the two on the full-resolution similarity is the result.
 * **global** (the DISA paper's search): ``starts`` random poses drawn uniformly within ±``range_deg``
   about every axis and ±``range_mm`` along every axis around the initial pose (the initial pose is
   start 0), all optimised together as one batch on the coarse level; the ``keep`` best distinct
@@ -133,7 +134,14 @@ def search_pose(pair: FeaturePair, parametrization: Parametrization, x_init: tor
     stages["coarse_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     pick = _distinct_best(first.x, first.loss, settings.keep if settings.search == "global" else 1)
-    second = optimise_in_chunks(fine, parametrization, first.x[pick], settings.fine_iterations,
+    refine = first.x[pick]
+    if settings.search == "local":
+        # The start itself is refined on the full-resolution maps too, and the better of the two wins
+        # on that objective.  Why: the pooled maps can have their optimum elsewhere (on a CT whose
+        # descriptors vary little, a local search started at the true pose followed the coarse level
+        # 188 mm away although the full-resolution similarity was higher at the start).
+        refine = torch.cat([refine, x0])
+    second = optimise_in_chunks(fine, parametrization, refine, settings.fine_iterations,
                                 settings.memory_budget_bytes, scope.sub(0.6, 1.0), cancel)
     stages["fine_s"] = time.perf_counter() - t1
     best = int(torch.argmin(second.loss))

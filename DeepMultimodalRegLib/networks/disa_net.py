@@ -285,8 +285,15 @@ def _forward(model: nn.Module, x: torch.Tensor, chunk: int | None) -> torch.Tens
 
 
 def compute_descriptors(model: nn.Module, volume: Volume, device: str | torch.device = "auto",
-                        chunk: int | None = None) -> tuple[torch.Tensor, ImageGeometry]:
+                        chunk: int | None = None, sign_symmetric: bool = False) -> tuple[torch.Tensor, ImageGeometry]:
     """DISA descriptors of ``volume``: a [16, d, h, w] float32 tensor and its physical grid.
+
+    * ``sign_symmetric``: return ½(φ(x) + φ(−x)), the mean of the descriptors of the volume and of
+      its negative (two forward passes).  Why: LC², the target, does not change when either image's
+      sign flips, and training only asks the network for that through random sign augmentation, so
+      φ(x) and φ(−x) differ; averaging makes the invariance exact.  Norms stay ≤ 1.  Registration
+      uses it (its optimum moves closer to the truth, docs/benchmarks.md "optimum bias"); the
+      plain network output is what was trained against LC² and what the descriptor benchmark scores.
 
     * The caller normalises intensities (the network was trained on zero-mean, unit-variance
       volumes resampled to 2 mm); this function does not touch them, and never modifies the input.
@@ -318,6 +325,8 @@ def compute_descriptors(model: nn.Module, volume: Volume, device: str | torch.de
         x = data.to(device=dev, dtype=torch.float32)[None, None]
         x, pads = pad_to_receptive_field(x)
         y = _forward(model, x, slabs)[0]
+        if sign_symmetric:
+            y = 0.5 * (y + _forward(model, -x, slabs)[0])
         starts = [lo // OUTPUT_STRIDE for lo, _ in pads]
         (d, h, w) = geometry.shape
         return y[:, starts[0]:starts[0] + d, starts[1]:starts[1] + h, starts[2]:starts[2] + w].contiguous()
