@@ -169,8 +169,8 @@ def _write_index(out: Path, summary: dict) -> None:
     sim = summary.get("similarity_map") or {}
     if sim.get("file"):
         d = sim["max_distance_to_true_point_mm"]
-        images += (f"<h2>Similarity maps (DISA, LC², MIND-SSC)</h2><p>Distance of each map's maximum from the "
-                   f"known corresponding point: " + ", ".join(f"{k} {v:.1f} mm" for k, v in d.items()) +
+        images += ("<h2>Similarity maps (DISA, LC², MIND-SSC)</h2><p>Distance of each map's maximum from the "
+                   "known corresponding point: " + ", ".join(f"{k} {v:.1f} mm" for k, v in d.items()) +
                    f"</p><img src='{sim['file']}' width='100%'>")
     images += _deep_section(summary.get("deep_interactive"))
     page = f"""<!doctype html><html><head><meta charset='utf-8'><title>DeepMultimodalReg demo</title>

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import InvalidParameterError
 from ..image.geometry import ImageGeometry
-from .base import DisplacementTransform
+from .base import DisplacementTransform, Transform
 from .sampling import sample_at_points
 
 
