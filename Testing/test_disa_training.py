@@ -131,6 +131,25 @@ def test_tiny_training_run_lowers_the_loss(prepared_pair):
     assert end < 0.5 * start, (start, end)
 
 
+
+def test_sign_symmetric_training_descriptors_ignore_the_sign_of_each_crop(prepared_pair):
+    from dataclasses import replace
+
+    from DeepMultimodalRegLib.training.disa_train import crop_descriptors
+
+    t1, t2 = prepared_pair
+    pair = sample_dense_crop_pair(t1, t2, 16, torch.Generator().manual_seed(5), aligned=True)
+    torch.manual_seed(1)
+    model = DISANet().eval()
+    flipped = replace(pair, regressor=-pair.regressor)
+    with torch.no_grad():
+        sym = crop_descriptors(model, pair, None, sign_symmetric=True)
+        assert torch.allclose(sym, crop_descriptors(model, flipped, None, sign_symmetric=True), atol=1e-6)
+        raw = crop_descriptors(model, pair, None)
+        assert not torch.allclose(raw, crop_descriptors(model, flipped, None), atol=1e-3)
+        both = torch.stack([pair.fitted, pair.regressor])[:, None]
+        assert torch.allclose(sym, 0.5 * (model(both) + model(-both)), atol=1e-6)
+
 def test_publish_writes_manifest_card_and_loads_by_checksum(tmp_path, monkeypatch):
     from DeepMultimodalRegLib.networks import load_disa_network
     from DeepMultimodalRegLib.training.publish import publish_weights
@@ -241,13 +260,15 @@ def test_cli_flags_reach_the_training_config(tmp_path):
     weights.write_bytes(b"")
     args = build_parser().parse_args(["train", "disa", "-o", "x", "--loss-weighting", "t-sampling",
                                       "--learning-rate", "1e-4", "--crop-pairs-per-step", "4", "--device", "cpu",
-                                      "--init-weights", str(weights), "--minutes", "5", "--steps", "300"])
+                                      "--init-weights", str(weights), "--minutes", "5", "--steps", "300",
+                                      "--sign-symmetric"])
     config = config_from_args(args)
     assert (config.loss_weighting, config.learning_rate, config.crop_pairs_per_step, config.device,
-            config.init_weights, config.max_minutes, config.steps) == \
-        ("t-sampling", 1e-4, 4, "cpu", str(weights), 5.0, 300)
+            config.init_weights, config.max_minutes, config.steps, config.sign_symmetric) == \
+        ("t-sampling", 1e-4, 4, "cpu", str(weights), 5.0, 300, True)
     default = config_from_args(build_parser().parse_args(["train", "disa", "-o", "x"]))
-    assert (default.loss_weighting, default.device, default.init_weights) == ("bins", "auto", None)
+    assert (default.loss_weighting, default.device, default.init_weights, default.sign_symmetric) == \
+        ("bins", "auto", None, False)
     with pytest.raises(InvalidParameterError, match="--steps"):
         config_from_args(build_parser().parse_args(["train", "disa", "-o", "x", "--steps", "0"]))
     with pytest.raises(InvalidParameterError, match="initial weights not found"):
@@ -269,3 +290,6 @@ def test_model_card_states_the_loss_weighting_and_the_jitter_of_its_run():
     tuned = asdict(DisaTrainingConfig(loss_weighting="t-sampling", aligned_jitter=2))
     card = disa_model_card({**summary, "config": tuned})
     assert "t-sampling picks it for its anchor" in card and "shifted by up to 2 voxels" in card
+    assert "sign-symmetric" not in card
+    card = disa_model_card({**summary, "config": asdict(DisaTrainingConfig(sign_symmetric=True))})
+    assert "Trained on sign-symmetric descriptors" in card

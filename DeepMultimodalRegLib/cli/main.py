@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--loss-weighting", choices=("t-sampling", "bins"),
                    help="disa: weight of each patch pair in the loss (default bins: equal weight per target bin, "
                         "pooled over anchors; t-sampling: the paper's sampler in expectation, anchor by anchor)")
+    t.add_argument("--sign-symmetric", action="store_true", default=None,
+                   help="disa: train the descriptors registration uses, the mean over each crop and its negative")
     # --- msode (issue 8)
     t.add_argument("--kind", choices=("rigid", "bspline", "dense"), default="rigid",
                    help="msode: the parameterisation to train (default rigid)")

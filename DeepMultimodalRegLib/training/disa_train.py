@@ -54,6 +54,9 @@ class DisaTrainingConfig:
     #: (docs/benchmarks.md) found "t-sampling" calibrated to crop-sized candidate sets: lower MSE
     #: on crop validation, higher on full-volume held-out pairs, whose anchors have more candidates
     loss_weighting: str = "bins"
+    #: train the descriptors registration uses, ½(φ(x) + φ(−x)) (two passes per crop), instead of
+    #: the raw output; the loss and validation both see them
+    sign_symmetric: bool = False
     #: start from these weights (a state_dict file) instead of a random initialisation: fine-tuning
     init_weights: str | None = None
     validation_crop_pairs: int = 16
@@ -100,13 +103,17 @@ def draw_dense_crop_pair(scans: dict, pairs, config: DisaTrainingConfig,
 
 
 def crop_descriptors(model: DISANet, pair: CropPair | DenseCropPair,
-                     augmentation: Augmentation | None) -> torch.Tensor:
+                     augmentation: Augmentation | None, sign_symmetric: bool = False) -> torch.Tensor:
     """Descriptors [2, 16, 17, 17, 17] of the fitted and regressor crops, in the crops' own axes
-    (the augmentation is applied to the inputs and undone on the descriptor maps)."""
+    (the augmentation is applied to the inputs and undone on the descriptor maps); with
+    ``sign_symmetric`` the mean over each crop and its negative, as registration computes them."""
     crops = [pair.fitted, pair.regressor]
     if augmentation is not None:
         crops = [augmentation.image(c, i) for i, c in enumerate(crops)]
-    descriptors = model(torch.stack(crops)[:, None])
+    batch = torch.stack(crops)[:, None]
+    descriptors = model(batch)
+    if sign_symmetric:
+        descriptors = 0.5 * (descriptors + model(-batch))
     if augmentation is not None:
         descriptors = augmentation.undo_on_descriptors(descriptors)
     return descriptors
@@ -117,9 +124,9 @@ LOSS_WEIGHTINGS = {"t-sampling": t_sampling_weights, "bins": equalised_weights}
 
 
 def dense_loss(model: DISANet, pair: DenseCropPair, augmentation: Augmentation | None,
-               weighting: str = "bins") -> torch.Tensor:
+               weighting: str = "bins", sign_symmetric: bool = False) -> torch.Tensor:
     """Weighted squared error of the dot products of K anchors with every site (see LOSS_WEIGHTINGS)."""
-    descriptors = crop_descriptors(model, pair, augmentation)
+    descriptors = crop_descriptors(model, pair, augmentation, sign_symmetric)
     anchors = pair.anchors.to(descriptors.device)
     a = descriptors[0][:, anchors[:, 0], anchors[:, 1], anchors[:, 2]]  # [C, K]
     first = int(site_indices()[0]) // STRIDE
@@ -130,20 +137,21 @@ def dense_loss(model: DISANet, pair: DenseCropPair, augmentation: Augmentation |
     return (LOSS_WEIGHTINGS[weighting](targets) * (predicted - targets) ** 2).sum()
 
 
-def predicted_similarity(model: DISANet, pair: CropPair, augmentation: Augmentation | None) -> torch.Tensor:
+def predicted_similarity(model: DISANet, pair: CropPair, augmentation: Augmentation | None,
+                         sign_symmetric: bool = False) -> torch.Tensor:
     """Dot products of the descriptors at the anchor and partner sites, [K]."""
-    descriptors = crop_descriptors(model, pair, augmentation)
+    descriptors = crop_descriptors(model, pair, augmentation, sign_symmetric)
     anchors, partners = pair.anchors.to(descriptors.device), pair.partners.to(descriptors.device)
     a = descriptors[0][:, anchors[:, 0], anchors[:, 1], anchors[:, 2]]
     b = descriptors[1][:, partners[:, 0], partners[:, 1], partners[:, 2]]
     return (a * b).sum(0)
 
 
-def evaluate(model: DISANet, pairs: list[CropPair]) -> dict:
+def evaluate(model: DISANet, pairs: list[CropPair], sign_symmetric: bool = False) -> dict:
     """MSE and Pearson correlation between dot products and targets over fixed crop pairs."""
     model.eval()
     with torch.no_grad():
-        pred = torch.cat([predicted_similarity(model, p, None) for p in pairs]).double()
+        pred = torch.cat([predicted_similarity(model, p, None, sign_symmetric) for p in pairs]).double()
     model.train()
     target = torch.cat([p.targets for p in pairs]).double().to(pred.device)
     mse = float(((pred - target) ** 2).mean())
@@ -216,7 +224,8 @@ def train_disa(out_dir: str | Path, config: DisaTrainingConfig | None = None, da
         losses = []
         for _ in range(config.crop_pairs_per_step):
             pair = draw_dense_crop_pair(train_scans, pairs, config, generator)
-            loss = dense_loss(model, pair, Augmentation.random(generator), config.loss_weighting)
+            loss = dense_loss(model, pair, Augmentation.random(generator), config.loss_weighting,
+                              config.sign_symmetric)
             (loss / config.crop_pairs_per_step).backward()
             losses.append(float(loss.detach()))
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.gradient_clip)
@@ -229,14 +238,16 @@ def train_disa(out_dir: str | Path, config: DisaTrainingConfig | None = None, da
             state.history.append((state.step, running))
         if state.step % config.validation_every == 0 or state.step == config.steps:
             state.validation.append({"step": state.step, "seconds": round(state.seconds, 1),
-                                     "train_mse_running": running, **evaluate(model, validation)})
+                                     "train_mse_running": running,
+                                     **evaluate(model, validation, config.sign_symmetric)})
         if state.step % config.checkpoint_every == 0 or state.step == config.steps:
             checkpoint_now()
         progress(state.step / config.steps, f"step {state.step} mse {running:.4f}")
     checkpoint_now()
     if not state.validation or state.validation[-1]["step"] != state.step:
         state.validation.append({"step": state.step, "seconds": round(state.seconds, 1),
-                                 "train_mse_running": running, **evaluate(model, validation)})
+                                 "train_mse_running": running,
+                                 **evaluate(model, validation, config.sign_symmetric)})
     weights = out / "disa.pt"
     with atomic_output(weights) as tmp:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)

@@ -70,6 +70,8 @@ def disa_model_card(summary: dict, benchmark: dict | None = None) -> str:
         + (f", shifted by up to {c['aligned_jitter']} voxels per axis." if c.get("aligned_jitter") else "."),
         "- Augmentation: the same random cube symmetry (axis permutation + flips) for both crops, and an",
         "  independent random sign and affine intensity change per crop (LC² targets unchanged).",
+        *(["- Trained on sign-symmetric descriptors ½(φ(x) + φ(−x)), as registration computes them."]
+          if c.get("sign_symmetric") else []),
         "",
         "## Training",
         f"- AdamW, learning rate {c['learning_rate']}, weight decay {c['weight_decay']}, {c['warmup_steps']} warm-up steps,",
