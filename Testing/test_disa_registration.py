@@ -154,7 +154,7 @@ def test_disa_features_do_not_depend_on_the_sign_of_either_image(sample_t1, samp
     raw = disa_features(sample_t1, sample_t2, CPU, moving_modality="MR", sign_symmetric=False)
     raw_flipped = disa_features(sample_t1, negative, CPU, moving_modality="MR", sign_symmetric=False)
     assert (raw.moving.data - raw_flipped.moving.data).abs().max() > 1e-2
-    with pytest.raises(InvalidParameterError, match="unknown option"):
+    with pytest.raises(InvalidParameterError, match="unknown option"):  # a misspelt option is refused
         _register("disa-rigid", sample_t1, sample_t2, disa_sign_symetric=False)
 
 
