@@ -261,19 +261,43 @@ def test_cli_flags_reach_the_training_config(tmp_path):
     args = build_parser().parse_args(["train", "disa", "-o", "x", "--loss-weighting", "t-sampling",
                                       "--learning-rate", "1e-4", "--crop-pairs-per-step", "4", "--device", "cpu",
                                       "--init-weights", str(weights), "--minutes", "5", "--steps", "300",
-                                      "--sign-symmetric"])
+                                      "--sign-symmetric", "--output-init-scale", "8"])
     config = config_from_args(args)
     assert (config.loss_weighting, config.learning_rate, config.crop_pairs_per_step, config.device,
-            config.init_weights, config.max_minutes, config.steps, config.sign_symmetric) == \
-        ("t-sampling", 1e-4, 4, "cpu", str(weights), 5.0, 300, True)
+            config.init_weights, config.max_minutes, config.steps, config.sign_symmetric,
+            config.output_init_scale) == ("t-sampling", 1e-4, 4, "cpu", str(weights), 5.0, 300, True, 8.0)
     default = config_from_args(build_parser().parse_args(["train", "disa", "-o", "x"]))
-    assert (default.loss_weighting, default.device, default.init_weights, default.sign_symmetric) == \
-        ("bins", "auto", None, False)
+    assert (default.loss_weighting, default.device, default.init_weights, default.sign_symmetric,
+            default.output_init_scale) == ("bins", "auto", None, False, 1.0)
     with pytest.raises(InvalidParameterError, match="--steps"):
         config_from_args(build_parser().parse_args(["train", "disa", "-o", "x", "--steps", "0"]))
     with pytest.raises(InvalidParameterError, match="initial weights not found"):
         config_from_args(build_parser().parse_args(["train", "disa", "-o", "x", "--init-weights",
                                                     str(tmp_path / "missing.pt")]))
+
+
+def test_output_init_scale_starts_the_descriptors_larger():
+    """A fresh network's descriptors have norms ~0.1 (PyTorch's default initialisation); the option
+    scales the last layer, and so the pre-clipping descriptors, by its factor."""
+    from DeepMultimodalRegLib.errors import InvalidParameterError
+    from DeepMultimodalRegLib.networks.disa_net import DISANet
+    from DeepMultimodalRegLib.training.disa_train import scale_output_layer
+
+    torch.manual_seed(0)
+    plain = DISANet()
+    scaled = DISANet()
+    scaled.load_state_dict(plain.state_dict())
+    scale_output_layer(scaled, 8.0)
+    x = torch.randn(1, 1, 33, 33, 33, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        raw = plain.layers(x)
+        norms = plain(x).norm(dim=1)
+        norms_scaled = scaled(x).norm(dim=1)
+    assert torch.allclose(scaled.layers(x), 8 * raw, rtol=1e-5, atol=1e-6)
+    assert float(norms.mean()) < 0.5 and float(norms_scaled.mean()) > 2 * float(norms.mean())
+    assert float(norms_scaled.max()) <= 1 + 1e-6  # still clipped
+    with pytest.raises(InvalidParameterError, match="output_init_scale"):
+        scale_output_layer(plain, 0.0)
 
 
 def test_model_card_states_the_loss_weighting_and_the_jitter_of_its_run():
@@ -292,4 +316,6 @@ def test_model_card_states_the_loss_weighting_and_the_jitter_of_its_run():
     assert "t-sampling picks it for its anchor" in card and "shifted by up to 2 voxels" in card
     assert "sign-symmetric" not in card
     card = disa_model_card({**summary, "config": asdict(DisaTrainingConfig(sign_symmetric=True))})
-    assert "Trained on sign-symmetric descriptors" in card
+    assert "Trained on sign-symmetric descriptors" in card and "initialisation ×" not in card
+    card = disa_model_card({**summary, "config": asdict(DisaTrainingConfig(output_init_scale=8.0))})
+    assert "last layer's default initialisation × 8." in card

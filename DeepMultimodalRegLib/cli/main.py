@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "pooled over anchors; t-sampling: the paper's sampler in expectation, anchor by anchor)")
     t.add_argument("--sign-symmetric", action="store_true", default=None,
                    help="disa: train the descriptors registration uses, the mean over each crop and its negative")
+    t.add_argument("--output-init-scale", type=float,
+                   help="disa, from scratch: multiply the last layer's initial weights by this (default 1; ~8 starts "
+                        "the descriptors near norm 1 instead of ~0.1)")
     # --- msode (issue 8)
     t.add_argument("--kind", choices=("rigid", "bspline", "dense"), default="rigid",
                    help="msode: the parameterisation to train (default rigid)")

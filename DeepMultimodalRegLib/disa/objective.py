@@ -17,7 +17,7 @@ import torch
 
 from ..errors import InvalidParameterError
 from ..transforms.base import Transform
-from ..transforms.sampling import apply_affine, physical_to_grid_matrix, sample_grid
+from ..transforms.sampling import apply_affine, grid_bounds, physical_to_grid_matrix, sample_grid
 from .features import FeaturePair
 
 
@@ -93,6 +93,10 @@ class FeatureObjective:
         self.moving = pair.moving.data
         self._to_grid = torch.as_tensor(physical_to_grid_matrix(pair.moving.geometry), dtype=torch.float64,
                                         device=device)
+        # the fast path for linear transforms (see value): constants computed once, in the maps' dtype
+        self._points_lowp = self.points.to(self.moving.dtype)
+        self._weighted_fixed = (self.fixed_features * self.weights[:, None]).T.contiguous()  # [C, N]
+        self._bounds = grid_bounds(pair.moving.geometry, self.moving.dtype, device)
         #: number of single-transform evaluations so far
         self.evaluations = 0
 
@@ -100,15 +104,36 @@ class FeatureObjective:
     def point_count(self) -> int:
         return int(self.points.shape[0])
 
+    def _grid_coordinates(self, transform: Transform) -> torch.Tensor:
+        """[B, N, 3] ``grid_sample`` coordinates in the moving map of the transformed fixed points.
+
+        A linear transform and the map's physical-to-grid matrix are composed first (4×4, float64),
+        so the N points go through one small matmul in the maps' dtype instead of two float64 passes;
+        other transforms map the points in float64.  Same values either way (tests compare them).
+        """
+        if transform.is_linear:
+            h = self._to_grid @ transform.homogeneous().to(self._to_grid.dtype)  # [B, 4, 4]
+            h = h.to(self.moving.dtype)
+            return torch.einsum("nj,bij->bni", self._points_lowp, h[:, :3, :3]) + h[:, None, :3, 3]
+        mapped = transform.transform_points(self.points)  # [B, N, 3] float64
+        return apply_affine(mapped, self._to_grid).to(self.moving.dtype)
+
     def value(self, transform: Transform) -> torch.Tensor:
         """[B] weighted mean similarity of each transform of the batch."""
-        mapped = transform.transform_points(self.points)  # [B, N, 3] float64
-        grid = apply_affine(mapped, self._to_grid).to(self.moving.dtype)  # float32 maps: fast sampling
-        sampled = sample_grid(self.moving, self.pair.moving.geometry, grid)  # [B, C, N]
+        grid = self._grid_coordinates(transform)
         self.evaluations += transform.batch_size
-        f = self.fixed_features.T.unsqueeze(0)  # [1, C, N]
         if self.pair.comparison == "dot":
-            local = (sampled * f).sum(1)
-        else:
-            local = -((sampled - f) ** 2).mean(1)
+            # Σ_p w(p)·⟨φF(p), φM(T p)⟩ with w folded into the fixed features; a point outside the
+            # moving map (ITK's rule, as sample_grid applies it) compares with a zero vector
+            batch = grid.shape[0]
+            sampled = torch.nn.functional.grid_sample(self.moving[None], grid.reshape(1, batch, -1, 1, 3),
+                                                      mode="bilinear", padding_mode="border", align_corners=True)
+            sampled = sampled.reshape(self.moving.shape[0], batch, -1)  # [C, B, N]
+            lo, hi = self._bounds
+            inside = ((grid >= lo) & (grid < hi)).all(-1)  # [B, N]
+            local = torch.einsum("cbn,cn->bn", sampled, self._weighted_fixed)
+            return (local * inside).sum(-1).double()
+        sampled = sample_grid(self.moving, self.pair.moving.geometry, grid)  # [B, C, N]
+        f = self.fixed_features.T.unsqueeze(0)  # [1, C, N]
+        local = -((sampled - f) ** 2).mean(1)
         return (local * self.weights).sum(-1).double()

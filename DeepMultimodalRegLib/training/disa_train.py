@@ -59,6 +59,10 @@ class DisaTrainingConfig:
     sign_symmetric: bool = False
     #: start from these weights (a state_dict file) instead of a random initialisation: fine-tuning
     init_weights: str | None = None
+    #: a fresh network's last (1×1) layer is multiplied by this: PyTorch's default initialisation
+    #: gives descriptors of norm ~0.1, where every dot product and its gradient are tiny (a saddle
+    #: of the bilinear loss); ~8 starts them near norm 1.  Ignored with init_weights
+    output_init_scale: float = 1.0
     validation_crop_pairs: int = 16
     validation_every: int = 250
     checkpoint_every: int = 100
@@ -160,6 +164,14 @@ def evaluate(model: DISANet, pairs: list[CropPair], sign_symmetric: bool = False
             "target_mean": float(target.mean()), "target_std": float(target.std())}
 
 
+def scale_output_layer(model: DISANet, factor: float) -> None:
+    """Multiply the last (1×1, bias-free) layer's weights by ``factor``: the descriptors scale with it."""
+    if factor <= 0:
+        raise InvalidParameterError(f"output_init_scale must be > 0, got {factor}")
+    with torch.no_grad():
+        model.layers[-1].weight.mul_(factor)
+
+
 def scans_on(scans: dict, device: torch.device) -> dict:
     """The prepared scans with their voxels on ``device``."""
     return {name: scan.to(device) for name, scan in scans.items()}
@@ -202,6 +214,8 @@ def train_disa(out_dir: str | Path, config: DisaTrainingConfig | None = None, da
     model = DISANet()
     if config.init_weights:
         model.load_state_dict(torch.load(config.init_weights, map_location="cpu", weights_only=True))
+    else:
+        scale_output_layer(model, config.output_init_scale)
     model.to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)

@@ -77,6 +77,8 @@ def disa_model_card(summary: dict, benchmark: dict | None = None) -> str:
         f"- AdamW, learning rate {c['learning_rate']}, weight decay {c['weight_decay']}, {c['warmup_steps']} warm-up steps,",
         f"  cosine decay over {c['steps']} steps; gradient norm clipped at {c.get('gradient_clip')};",
         f"  {c['crop_pairs_per_step']} crop pair(s) per step; seed {c['seed']}.",
+        *([f"- Started from scratch with the last layer's default initialisation × {c['output_init_scale']:g}."]
+          if c.get("output_init_scale", 1.0) != 1.0 and not c.get("init_weights") else []),
         f"- Ran {summary['steps']} steps in {summary['seconds'] / 60:.1f} min on {summary['threads']} CPU threads"
         f" ({'finished' if summary['finished'] else 'stopped by its time limit'}).",
         f"- Final training MSE (running average): {summary['train_mse_running']:.4f}.",
