@@ -253,9 +253,22 @@ def pair_metrics(pred: np.ndarray, target: np.ndarray) -> dict:
     return out
 
 
+def _ceiling(target: np.ndarray, reverse: np.ndarray) -> dict:
+    """What a symmetric predictor that serves both directions equally would score on these pairs:
+    ½(forward + reverse LC²) against the forward targets (this benchmark's scoring), and how well the
+    two directions agree.  It shows how far the issue's bar is reachable at all for a dot product."""
+    best = pair_metrics(0.5 * (target + reverse), target)
+    return {"mse": best["mse"], "pearson": best["pearson"],
+            "forward_reverse_pearson": float(np.corrcoef(target, reverse)[0, 1]) if target.size > 1 else float("nan")}
+
+
 def approximation_pairs(a: Volume, phi_a: torch.Tensor, b: Volume, phi_b: torch.Tensor, anchors: int, seed: int,
-                        chunk: int, device: torch.device, same_scan: bool) -> tuple[np.ndarray, np.ndarray, _Stats, dict]:
-    """Sampled (prediction, target) pairs for A fitted from B, and running stats over all candidates."""
+                        chunk: int, device: torch.device, same_scan: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                                    _Stats, dict]:
+    """Sampled (prediction, target, reverse target) pairs for A fitted from B, and running stats over
+    all candidates.  The reverse target is the same pair's LC² with the roles swapped (B fitted from
+    A), by brute force: a dot product is symmetric, so where training draws the direction at random
+    it can at best learn the mean of the two (see ``symmetric_ceiling``)."""
     g = torch.Generator().manual_seed(seed)
     weight = local_variance(a.data).cpu()
     weight = torch.where(interior_sites(a.shape), weight, torch.zeros_like(weight)).reshape(-1)
@@ -270,7 +283,7 @@ def approximation_pairs(a: Volume, phi_a: torch.Tensor, b: Volume, phi_b: torch.
     a_data, b_data = a.data.to(device), b.data.to(device)
     phi_a_flat = phi_a.reshape(DESCRIPTOR_CHANNELS, -1)
     phi_b_flat = phi_b.reshape(DESCRIPTOR_CHANNELS, -1)
-    preds, targets = [], []
+    preds, targets, partners = [], [], []
     everywhere = _Stats()
     check = None
     for s in range(0, anchors, chunk):
@@ -290,6 +303,8 @@ def approximation_pairs(a: Volume, phi_a: torch.Tensor, b: Volume, phi_b: torch.
         pred_all = anchor_desc @ phi_b_flat.double()  # [K, cells]
         preds.append(pred_all[rows, pick].cpu())
         targets.append(target[rows, pick].cpu())
+        hb, wb = phi_b.shape[2], phi_b.shape[3]
+        partners.append(torch.stack([pick // (hb * wb), (pick // wb) % hb, pick % wb], 1).cpu() * OUTPUT_STRIDE)
         everywhere.add(pred_all[allowed], target[allowed])
         if check is None:  # oracle: the brute-force patch LC² (disa_target) of the first picked pairs
             m = min(CHECK_PAIRS, e - s)
@@ -299,7 +314,8 @@ def approximation_pairs(a: Volume, phi_a: torch.Tensor, b: Volume, phi_b: torch.
             check = float((brute.double() - target[rows[:m], pick[:m]]).abs().max())
     detail = {"target_check_vs_disa_target_max_abs": check,"anchor_sites_with_positive_weight": positive, "candidate_sites": int(candidates.sum()),
               "fitted_shape": list(a.shape), "regressor_shape": list(b.shape)}
-    return torch.cat(preds).numpy(), torch.cat(targets).numpy(), everywhere, detail
+    reverse = disa_target(b_data, a_data, torch.cat(partners).to(device), anchor_vox.to(device))
+    return torch.cat(preds).numpy(), torch.cat(targets).numpy(), reverse.double().cpu().numpy(), everywhere, detail
 
 
 def measure_approximation(model, args, device) -> dict:
@@ -327,23 +343,27 @@ def measure_approximation(model, args, device) -> dict:
               "partner_rule": "t ~ U[0,1], candidate with the closest target (paper's sampler)",
               "directions": {}}
     pooled = {False: ([], [], _Stats()), True: ([], [], _Stats())}
+    reverses: dict[bool, list] = {}
     for index, (a_name, b_name, n, same) in enumerate(runs):
         start = time.perf_counter()
-        pred, target, everywhere, detail = approximation_pairs(
+        pred, target, reverse, everywhere, detail = approximation_pairs(
             scans[a_name], desc[a_name], scans[b_name], desc[b_name], n, args.seed * 1000 + index, args.chunk, device, same)
         key = f"{a_name}_from_{b_name}" + (" (same-scan control)" if same else "")
         result["directions"][key] = {**pair_metrics(pred, target), "all_candidates": everywhere.result(), **detail,
+                                     "symmetric_ceiling": _ceiling(target, reverse),
                                      "seconds": round(time.perf_counter() - start, 2)}
         log(f"part 1: {key}: {n} anchors, mse {result['directions'][key]['mse']:.4f}, "
             f"r {result['directions'][key]['pearson']:.3f} ({result['directions'][key]['seconds']} s)")
         p, t, st = pooled[same]
         p.append(pred)
         t.append(target)
+        reverses.setdefault(same, []).append(reverse)
         st.n += everywhere.n
         st.s += everywhere.s
     cross_p, cross_t, cross_all = pooled[False]
     cross = pair_metrics(np.concatenate(cross_p), np.concatenate(cross_t))
     cross["all_candidates"] = cross_all.result()
+    cross["symmetric_ceiling"] = _ceiling(np.concatenate(cross_t), np.concatenate(reverses[False]))
     result["cross_scan"] = cross
     if not args.no_control:
         cp, ct, call = pooled[True]
