@@ -63,7 +63,6 @@ from DeepMultimodalRegLib.demo import make_demo_pair
 from DeepMultimodalRegLib.device import resolve_device
 from DeepMultimodalRegLib.disa.preprocess import prepare_for_disa
 from DeepMultimodalRegLib.evaluation import foreground_points, target_registration_error
-from DeepMultimodalRegLib.image.geometry import ImageGeometry
 from DeepMultimodalRegLib.image.volume import Volume
 from DeepMultimodalRegLib.metrics.lc2 import lc2_of_patches_everywhere, volume_lc2
 from DeepMultimodalRegLib.metrics.lc2 import DISA_RADII, disa_target
