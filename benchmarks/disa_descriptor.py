@@ -252,6 +252,22 @@ def pair_metrics(pred: np.ndarray, target: np.ndarray) -> dict:
     return out
 
 
+def descriptor_spread(phi: torch.Tensor, weight: torch.Tensor) -> dict:
+    """How many directions the descriptors of a scan use: eigenvalues of their weighted covariance
+    (the LC² weights, after removing the weighted mean, as registration does).  A collapsed network
+    puts nearly everything in one direction, and a dot product of such descriptors is close to a
+    product of two per-patch scalars, which cannot express which patch matches which."""
+    x = phi.reshape(phi.shape[0], -1).double()
+    w = weight.reshape(-1).double().clamp_min(0)
+    mean = (x * w).sum(1, keepdim=True) / w.sum()
+    centred = x - mean
+    eig = torch.linalg.eigvalsh((centred * w) @ centred.T / w.sum()).flip(0).clamp_min(0)
+    energy = (eig.cumsum(0) / eig.sum()).tolist()
+    return {"energy_first_1_2_4_8": [round(energy[i], 4) for i in (0, 1, 3, 7)],
+            "participation_ratio": float(eig.sum() ** 2 / (eig ** 2).sum()),
+            "mean_norm": float((phi.norm(dim=0).reshape(-1).double() * w).sum() / w.sum())}
+
+
 def _ceiling(target: np.ndarray, reverse: np.ndarray) -> dict:
     """What a symmetric predictor that serves both directions equally would score on these pairs:
     ½(forward + reverse LC²) against the forward targets (this benchmark's scoring), and how well the
@@ -329,7 +345,8 @@ def measure_approximation(model, args, device) -> dict:
         desc[name], _ = compute_descriptors(model, scans[name], device)
         sync(device)
         extraction[name] = {"shape": list(scans[name].shape), "descriptor_shape": list(desc[name].shape[1:]),
-                            "seconds": round(time.perf_counter() - start, 3)}
+                            "seconds": round(time.perf_counter() - start, 3),
+                            "spread": descriptor_spread(desc[name], local_variance(scans[name].data).to(desc[name]))}
         log(f"part 1: descriptors of {name} {tuple(scans[name].shape)} in {extraction[name]['seconds']} s")
     total = args.anchors
     per_direction = max(1, total // 2)
