@@ -17,7 +17,7 @@ import torch
 
 from ..errors import InvalidParameterError
 from ..transforms.base import Transform
-from ..transforms.sampling import apply_affine, grid_bounds, physical_to_grid_matrix, sample_grid
+from ..transforms.sampling import apply_affine, physical_to_grid_matrix, sample_grid
 from .features import FeaturePair
 
 
@@ -93,10 +93,10 @@ class FeatureObjective:
         self.moving = pair.moving.data
         self._to_grid = torch.as_tensor(physical_to_grid_matrix(pair.moving.geometry), dtype=torch.float64,
                                         device=device)
-        # the fast path for linear transforms (see value): constants computed once, in the maps' dtype
+        # constants of value(), computed once: the points in the maps' dtype (linear transforms) and,
+        # for DISA, the fixed features with the weights folded in
         self._points_lowp = self.points.to(self.moving.dtype)
         self._weighted_fixed = (self.fixed_features * self.weights[:, None]).T.contiguous()  # [C, N]
-        self._bounds = grid_bounds(pair.moving.geometry, self.moving.dtype, device)
         #: number of single-transform evaluations so far
         self.evaluations = 0
 
@@ -121,19 +121,11 @@ class FeatureObjective:
     def value(self, transform: Transform) -> torch.Tensor:
         """[B] weighted mean similarity of each transform of the batch."""
         grid = self._grid_coordinates(transform)
+        # points outside the moving map compare with a zero vector (ITK's rule, in sample_grid)
+        sampled = sample_grid(self.moving, self.pair.moving.geometry, grid)  # [B, C, N]
         self.evaluations += transform.batch_size
         if self.pair.comparison == "dot":
-            # Σ_p w(p)·⟨φF(p), φM(T p)⟩ with w folded into the fixed features; a point outside the
-            # moving map (ITK's rule, as sample_grid applies it) compares with a zero vector
-            batch = grid.shape[0]
-            sampled = torch.nn.functional.grid_sample(self.moving[None], grid.reshape(1, batch, -1, 1, 3),
-                                                      mode="bilinear", padding_mode="border", align_corners=True)
-            sampled = sampled.reshape(self.moving.shape[0], batch, -1)  # [C, B, N]
-            lo, hi = self._bounds
-            inside = ((grid >= lo) & (grid < hi)).all(-1)  # [B, N]
-            local = torch.einsum("cbn,cn->bn", sampled, self._weighted_fixed)
-            return (local * inside).sum(-1).double()
-        sampled = sample_grid(self.moving, self.pair.moving.geometry, grid)  # [B, C, N]
+            return torch.einsum("bcn,cn->b", sampled, self._weighted_fixed).double()
         f = self.fixed_features.T.unsqueeze(0)  # [1, C, N]
         local = -((sampled - f) ** 2).mean(1)
         return (local * self.weights).sum(-1).double()

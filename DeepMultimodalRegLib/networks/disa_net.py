@@ -284,6 +284,12 @@ def _forward(model: nn.Module, x: torch.Tensor, chunk: int | None) -> torch.Tens
     return _run_slabs(model, x, chunk)
 
 
+def sign_symmetric_mean(forward, x: torch.Tensor) -> torch.Tensor:
+    """½(forward(x) + forward(−x)): descriptors that ignore the sign of the image, as LC² does (see
+    :func:`compute_descriptors`); training (``train disa --sign-symmetric``) uses the same helper."""
+    return 0.5 * (forward(x) + forward(-x))
+
+
 def compute_descriptors(model: nn.Module, volume: Volume, device: str | torch.device = "auto",
                         chunk: int | None = None, sign_symmetric: bool = False) -> tuple[torch.Tensor, ImageGeometry]:
     """DISA descriptors of ``volume``: a [16, d, h, w] float32 tensor and its physical grid.
@@ -324,9 +330,10 @@ def compute_descriptors(model: nn.Module, volume: Volume, device: str | torch.de
         model.to(dev)
         x = data.to(device=dev, dtype=torch.float32)[None, None]
         x, pads = pad_to_receptive_field(x)
-        y = _forward(model, x, slabs)[0]
-        if sign_symmetric:
-            y = 0.5 * (y + _forward(model, -x, slabs)[0])
+        def forward(v: torch.Tensor) -> torch.Tensor:
+            return _forward(model, v, slabs)[0]
+
+        y = sign_symmetric_mean(forward, x) if sign_symmetric else forward(x)
         starts = [lo // OUTPUT_STRIDE for lo, _ in pads]
         (d, h, w) = geometry.shape
         return y[:, starts[0]:starts[0] + d, starts[1]:starts[1] + h, starts[2]:starts[2] + w].contiguous()

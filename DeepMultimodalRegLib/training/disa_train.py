@@ -27,7 +27,7 @@ from ..device import resolve_device
 from ..errors import InvalidParameterError
 from ..fileio import atomic_output
 from .checkpoint import TrainingState, load_checkpoint, save_checkpoint, time_to_stop
-from ..networks.disa_net import DISANet, count_parameters
+from ..networks.disa_net import DISANet, count_parameters, sign_symmetric_mean
 from ..progress import CancelToken, ProgressCallback, no_progress
 from .disa_sampler import (STRIDE, Augmentation, CropPair, DenseCropPair, equalised_weights, sample_crop_pair,
                            sample_dense_crop_pair, site_indices, t_sampling_weights)
@@ -115,9 +115,7 @@ def crop_descriptors(model: DISANet, pair: CropPair | DenseCropPair,
     if augmentation is not None:
         crops = [augmentation.image(c, i) for i, c in enumerate(crops)]
     batch = torch.stack(crops)[:, None]
-    descriptors = model(batch)
-    if sign_symmetric:
-        descriptors = 0.5 * (descriptors + model(-batch))
+    descriptors = sign_symmetric_mean(model, batch) if sign_symmetric else model(batch)
     if augmentation is not None:
         descriptors = augmentation.undo_on_descriptors(descriptors)
     return descriptors
