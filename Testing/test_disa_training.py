@@ -261,14 +261,15 @@ def test_cli_flags_reach_the_training_config(tmp_path):
     args = build_parser().parse_args(["train", "disa", "-o", "x", "--loss-weighting", "t-sampling",
                                       "--learning-rate", "1e-4", "--crop-pairs-per-step", "4", "--device", "cpu",
                                       "--init-weights", str(weights), "--minutes", "5", "--steps", "300",
-                                      "--sign-symmetric", "--output-init-scale", "8"])
+                                      "--sign-symmetric", "--output-init-scale", "8", "--synthetic-probability", "0.3"])
     config = config_from_args(args)
     assert (config.loss_weighting, config.learning_rate, config.crop_pairs_per_step, config.device,
             config.init_weights, config.max_minutes, config.steps, config.sign_symmetric,
-            config.output_init_scale) == ("t-sampling", 1e-4, 4, "cpu", str(weights), 5.0, 300, True, 8.0)
+            config.output_init_scale, config.synthetic_probability) == ("t-sampling", 1e-4, 4, "cpu", str(weights),
+                                                                        5.0, 300, True, 8.0, 0.3)
     default = config_from_args(build_parser().parse_args(["train", "disa", "-o", "x"]))
     assert (default.loss_weighting, default.device, default.init_weights, default.sign_symmetric,
-            default.output_init_scale) == ("bins", "auto", None, False, 1.0)
+            default.output_init_scale, default.synthetic_probability) == ("bins", "auto", None, False, 1.0, 0.0)
     with pytest.raises(InvalidParameterError, match="--steps"):
         config_from_args(build_parser().parse_args(["train", "disa", "-o", "x", "--steps", "0"]))
     with pytest.raises(InvalidParameterError, match="initial weights not found"):
@@ -318,4 +319,91 @@ def test_model_card_states_the_loss_weighting_and_the_jitter_of_its_run():
     card = disa_model_card({**summary, "config": asdict(DisaTrainingConfig(sign_symmetric=True))})
     assert "Trained on sign-symmetric descriptors" in card and "initialisation ×" not in card
     card = disa_model_card({**summary, "config": asdict(DisaTrainingConfig(output_init_scale=8.0))})
-    assert "last layer's default initialisation × 8." in card
+    assert "last layer's default initialisation × 8." in card and "Synthetic co-registered" not in card
+    card = disa_model_card({**summary, "config": asdict(DisaTrainingConfig(synthetic_probability=0.3))})
+    assert "Synthetic co-registered pairs in 30% of the steps" in card
+
+
+def _quantile_labels(image: torch.Tensor, classes: int = 4) -> torch.Tensor:
+    """A label map for tests: the image's intensity quantile class (0 = darkest)."""
+    edges = torch.quantile(image.reshape(-1)[::7].double(), torch.linspace(0, 1, classes + 1)[1:-1].double())
+    return torch.bucketize(image.double(), edges).to(torch.int16)
+
+
+def test_synthetic_pairs_show_one_place_in_two_new_contrasts(prepared_pair):
+    """A synthetic training pair is two label-driven contrasts (or the scan and one) of the same crop:
+    new intensities, same anatomy, so an anchor's own place scores above the typical site; the
+    targets are the LC² oracle's; a seed draws the same pair."""
+    from DeepMultimodalRegLib.training.disa_sampler import sample_synthetic_crop_pair
+
+    t1 = prepared_pair[0]
+    labels = _quantile_labels(t1)
+    pairs = [sample_synthetic_crop_pair(t1, labels, 64, torch.Generator().manual_seed(s)) for s in range(3)]
+    again = sample_synthetic_crop_pair(t1, labels, 64, torch.Generator().manual_seed(0))
+    assert torch.equal(pairs[0].fitted, again.fitted) and torch.equal(pairs[0].targets, again.targets)
+    for pair in pairs:
+        assert pair.fitted.shape == pair.regressor.shape == (CROP,) * 3
+        # z-scored new contrasts, not copies of each other
+        assert abs(float(pair.regressor.mean())) < 1e-3 and abs(float(pair.regressor.std()) - 1) < 1e-3
+        assert float(torch.corrcoef(torch.stack([pair.fitted.reshape(-1), pair.regressor.reshape(-1)]))[0, 1]) < 0.99
+        own = pair.anchors - int(site_indices()[0]) // 4  # site-grid indices of the anchors
+        same_place = pair.targets[torch.arange(64), own[:, 0], own[:, 1], own[:, 2]]
+        typical = pair.targets.reshape(64, -1).median(1).values
+        assert float((same_place > typical).float().mean()) > 0.8
+        k = 5
+        sites = site_indices()
+        oracle = disa_target(pair.fitted, pair.regressor, sites[own[:k]], sites[own[:k]])
+        assert torch.allclose(same_place[:k].double(), oracle.double(), atol=1e-4)
+
+
+def test_training_with_synthetic_pairs_draws_them_and_refuses_bad_settings(prepared_pair, tmp_path, monkeypatch):
+    import DeepMultimodalRegLib.training.disa_train as disa_train
+    from DeepMultimodalRegLib.errors import InvalidParameterError
+    from DeepMultimodalRegLib.image import ImageGeometry, Volume
+    from DeepMultimodalRegLib.training.disa_train import DisaTrainingConfig, draw_training_pair, train_disa
+
+    t1, t2 = prepared_pair
+    geometry = ImageGeometry(shape=tuple(t1.shape))
+    scans = {"kirby21_t1": Volume(t1, geometry), "kirby21_t2": Volume(t2, geometry)}
+    labels = {"kirby21_t1": Volume(_quantile_labels(t1), geometry)}
+    config = DisaTrainingConfig(anchors_per_crop=8, synthetic_probability=1.0)
+    pairs = disa_train.pair_pool(sorted(scans))
+    drawn = draw_training_pair(scans, labels, pairs, config, torch.Generator().manual_seed(0))
+    # every crop of a synthetic pair is a new contrast or t1 itself, never t2
+    assert not any(torch.equal(c, t2[k:k + CROP, j:j + CROP, i:i + CROP]) for c in (drawn.fitted, drawn.regressor)
+                   for k in range(0, t2.shape[0] - CROP + 1, 4) for j in range(0, t2.shape[1] - CROP + 1, 4)
+                   for i in range(0, t2.shape[2] - CROP + 1, 4))
+    # probability 0 draws exactly what the earlier recipe drew (same generator sequence)
+    plain = DisaTrainingConfig(anchors_per_crop=8)
+    a = draw_training_pair(scans, labels, pairs, plain, torch.Generator().manual_seed(1))
+    b = disa_train.draw_dense_crop_pair(scans, pairs, plain, torch.Generator().manual_seed(1))
+    assert torch.equal(a.targets, b.targets) and torch.equal(a.anchors, b.anchors)
+
+    monkeypatch.setattr(disa_train, "load_prepared_scans", lambda *args, **kwargs: dict(scans))
+    monkeypatch.setattr(disa_train, "load_prepared_labels", lambda *args, **kwargs: dict(labels))
+    summary = train_disa(tmp_path / "run", DisaTrainingConfig(steps=2, anchors_per_crop=8, validation_crop_pairs=1,
+                                                              warmup_steps=1, synthetic_probability=0.5))
+    assert summary["steps"] == 2 and summary["config"]["synthetic_probability"] == 0.5
+    with pytest.raises(InvalidParameterError, match="synthetic_probability"):
+        train_disa(tmp_path / "bad", DisaTrainingConfig(synthetic_probability=1.5))
+    monkeypatch.setattr(disa_train, "load_prepared_labels", lambda *args, **kwargs: {})
+    with pytest.raises(InvalidParameterError, match="labelled training scans"):
+        train_disa(tmp_path / "none", DisaTrainingConfig(steps=1, synthetic_probability=0.5))
+
+
+def test_prepared_label_maps_lie_on_their_scans(tmp_path):
+    """The label maps synthetic contrasts are drawn from land on the prepared (2 mm) grid of their own
+    scan: on MNI152, white matter is brighter than grey matter in the T1; on the voxelmorph T1 the
+    left cerebral white matter (label 2) is brighter than the left cortex (3)."""
+    from DeepMultimodalRegLib.training.scans import load_prepared_labels, load_prepared_scans
+
+    scans = {k: v for k, v in load_prepared_scans(None, "train", 2.0, tmp_path).items()
+             if k in ("mni152_t1", "voxelmorph_t1")}
+    labels = load_prepared_labels(scans, None, tmp_path)
+    assert sorted(labels) == ["mni152_t1", "voxelmorph_t1"]
+    for name, (bright, dark) in {"mni152_t1": (3, 2), "voxelmorph_t1": (2, 3)}.items():
+        image, lab = scans[name].data, labels[name].data
+        assert lab.shape == image.shape and labels[name].geometry.same_grid(scans[name].geometry)
+        assert float(image[lab == bright].mean()) > float(image[lab == dark].mean()) + 0.5
+    cached = load_prepared_labels(scans, None, tmp_path)  # from the cache now
+    assert all(torch.equal(cached[k].data, labels[k].data) for k in labels)

@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output-init-scale", type=float,
                    help="disa, from scratch: multiply the last layer's initial weights by this (default 1; ~8 starts "
                         "the descriptors near norm 1 instead of ~0.1)")
+    t.add_argument("--synthetic-probability", type=float,
+                   help="disa: share of steps that train on two label-driven synthetic contrasts of one labelled "
+                        "scan at the same place (default 0: real scan pairs only)")
     # --- msode (issue 8)
     t.add_argument("--kind", choices=("rigid", "bspline", "dense"), default="rigid",
                    help="msode: the parameterisation to train (default rigid)")

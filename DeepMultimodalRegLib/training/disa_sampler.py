@@ -111,12 +111,18 @@ def _crops_and_anchors(fitted_volume: torch.Tensor, regressor_volume: torch.Tens
                 else random_crop_origin(regressor_volume.shape, generator, regressor_volume))
     f = crop(fitted_volume, corner_f)
     r = crop(regressor_volume, corner_r)
-    s = len(site_indices(f.shape[0]))
+    return f, r, anchor_sites(f, anchors, generator)
+
+
+def anchor_sites(fitted: torch.Tensor, anchors: int, generator: torch.Generator) -> torch.Tensor:
+    """``anchors`` sites [K, 3] (site-grid indices) of a crop, drawn with probability ∝ the local
+    variance of their patch (the LC² weight), with replacement."""
+    s = len(site_indices(fitted.shape[0]))
     # drawn on the CPU whatever the crops' device: the generator (and so the run's reproducibility) lives there
-    w = site_weights(f).reshape(-1).cpu()
+    w = site_weights(fitted).reshape(-1).cpu()
     w = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / w.numel())
     flat = torch.multinomial(w + 1e-3 / w.numel(), anchors, replacement=True, generator=generator)
-    return f, r, torch.stack([flat // (s * s), (flat // s) % s, flat % s], 1)
+    return torch.stack([flat // (s * s), (flat // s) % s, flat % s], 1)
 
 
 def sample_crop_pair(fitted_volume: torch.Tensor, regressor_volume: torch.Tensor, anchors: int,
@@ -124,17 +130,17 @@ def sample_crop_pair(fitted_volume: torch.Tensor, regressor_volume: torch.Tensor
     """Crops of two prepared scans and ``anchors`` (anchor, partner, target) triples sampled as the
     paper does.  ``aligned`` takes both crops at the same place (co-registered scans only), which
     yields the high-LC² pairs that unrelated crops rarely contain."""
-    f, r, anchor_sites = _crops_and_anchors(fitted_volume, regressor_volume, anchors, generator, aligned)
+    f, r, anchors_f = _crops_and_anchors(fitted_volume, regressor_volume, anchors, generator, aligned)
     sites = site_indices(f.shape[0])
     s = len(sites)
-    targets_all = targets_against_all_sites(f, r, sites[anchor_sites]).reshape(anchors, -1)  # [K, S³]
+    targets_all = targets_against_all_sites(f, r, sites[anchors_f]).reshape(anchors, -1)  # [K, S³]
     t = torch.rand(anchors, 1, generator=generator).to(targets_all.device)
     pick = (targets_all - t).abs().argmin(1)
     chosen = targets_all.gather(1, pick[:, None])[:, 0]
     pick = pick.cpu()  # site indices live with the anchors' (CPU)
     partner_sites = torch.stack([pick // (s * s), (pick // s) % s, pick % s], 1)
     first = int(sites[0]) // STRIDE  # descriptor index of site 0
-    return CropPair(f.float(), r.float(), anchor_sites + first, partner_sites + first, chosen)
+    return CropPair(f.float(), r.float(), anchors_f + first, partner_sites + first, chosen)
 
 
 @dataclass
@@ -191,11 +197,52 @@ def sample_dense_crop_pair(fitted_volume: torch.Tensor, regressor_volume: torch.
     """Like :func:`sample_crop_pair`, but keeps every candidate: K × S³ pairs per crop pair from the
     same two network passes (the loss then flattens the target distribution, see
     :func:`equalised_weights`, which is what the paper's t-sampling does one pair at a time)."""
-    f, r, anchor_sites = _crops_and_anchors(fitted_volume, regressor_volume, anchors, generator, aligned, jitter)
-    sites = site_indices(f.shape[0])
-    targets = targets_against_all_sites(f, r, sites[anchor_sites])
+    f, r, anchors_f = _crops_and_anchors(fitted_volume, regressor_volume, anchors, generator, aligned, jitter)
+    return dense_pair_of_crops(f, r, anchors_f)
+
+
+def dense_pair_of_crops(fitted: torch.Tensor, regressor: torch.Tensor, anchors: torch.Tensor) -> DenseCropPair:
+    """The dense targets of ``anchors`` (site-grid indices [K, 3] in ``fitted``) against every site
+    of ``regressor``, packed with the crops."""
+    sites = site_indices(fitted.shape[0])
+    targets = targets_against_all_sites(fitted, regressor, sites[anchors])
     first = int(sites[0]) // STRIDE
-    return DenseCropPair(f.float(), r.float(), anchor_sites + first, targets)
+    return DenseCropPair(fitted.float(), regressor.float(), anchors + first, targets)
+
+
+#: bias-field strength and noise of the label-driven contrasts drawn for training (as the MS-ODE
+#: recipe's; intensities ~[0, 1] before the z-score)
+SYNTHETIC_BIAS, SYNTHETIC_NOISE = 0.2, 0.03
+
+
+def synthetic_crop(image_crop: torch.Tensor, label_crop: torch.Tensor, seed: int) -> torch.Tensor:
+    """A new label-driven contrast of one crop (:func:`~DeepMultimodalRegLib.synthetic.synthesize_contrast`:
+    random intensity per label mixed with a random transfer of the real one, bias field, noise), z-scored."""
+    from ..image import ImageGeometry, Volume
+    from ..synthetic import synthesize_contrast
+
+    geometry = ImageGeometry(shape=tuple(image_crop.shape))
+    out = synthesize_contrast(Volume(image_crop.float().cpu(), geometry), Volume(label_crop.cpu(), geometry), seed,
+                              bias=SYNTHETIC_BIAS, noise=SYNTHETIC_NOISE).data.to(image_crop.device)
+    return (out - out.mean()) / out.std().clamp_min(1e-6)
+
+
+def sample_synthetic_crop_pair(volume: torch.Tensor, labels: torch.Tensor, anchors: int, generator: torch.Generator,
+                               jitter: int = 0, real_probability: float = 0.5) -> DenseCropPair:
+    """A co-registered crop pair of one labelled scan: two label-driven contrasts of the same place
+    (or, with ``real_probability``, the scan itself and one such contrast), the second shifted by up to
+    ``jitter`` voxels per axis; which crop is fitted is drawn at random.  Unlike the few real
+    co-registered scans, every such pair shows a new contrast mapping of the same anatomy, which is
+    what registration asks of the descriptors: the same place looks alike whatever the contrast."""
+    corner = random_crop_origin(volume.shape, generator, volume)
+    other = _jittered(corner, volume.shape, jitter, generator)
+    seeds = torch.randint(2 ** 31 - 1, (2,), generator=generator).tolist()
+    real = bool(torch.rand(1, generator=generator) < real_probability)
+    first = crop(volume, corner) if real else synthetic_crop(crop(volume, corner), crop(labels, corner), seeds[0])
+    second = synthetic_crop(crop(volume, other), crop(labels, other), seeds[1])
+    if bool(torch.rand(1, generator=generator) < 0.5):
+        first, second = second, first
+    return dense_pair_of_crops(first, second, anchor_sites(first, anchors, generator))
 
 
 def t_sampling_weights(targets: torch.Tensor) -> torch.Tensor:

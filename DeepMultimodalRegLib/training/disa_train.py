@@ -30,8 +30,8 @@ from .checkpoint import TrainingState, load_checkpoint, save_checkpoint, time_to
 from ..networks.disa_net import DISANet, count_parameters, sign_symmetric_mean
 from ..progress import CancelToken, ProgressCallback, no_progress
 from .disa_sampler import (STRIDE, Augmentation, CropPair, DenseCropPair, equalised_weights, sample_crop_pair,
-                           sample_dense_crop_pair, site_indices, t_sampling_weights)
-from .scans import SCANS, load_prepared_scans, spec_by_name
+                           sample_dense_crop_pair, sample_synthetic_crop_pair, site_indices, t_sampling_weights)
+from .scans import SCANS, load_prepared_labels, load_prepared_scans, spec_by_name
 
 
 @dataclass
@@ -63,6 +63,10 @@ class DisaTrainingConfig:
     #: gives descriptors of norm ~0.1, where every dot product and its gradient are tiny (a saddle
     #: of the bilinear loss); ~8 starts them near norm 1.  Ignored with init_weights
     output_init_scale: float = 1.0
+    #: share of steps whose crop pair is two label-driven synthetic contrasts of one labelled
+    #: training scan (MNI152, voxelmorph T1, LIDC CT) at the same place (shifted by up to
+    #: ``aligned_jitter``), instead of a pair of real scans; 0 = real scans only (the first shipped run)
+    synthetic_probability: float = 0.0
     validation_crop_pairs: int = 16
     validation_every: int = 250
     checkpoint_every: int = 100
@@ -104,6 +108,20 @@ def draw_dense_crop_pair(scans: dict, pairs, config: DisaTrainingConfig,
     fitted, regressor, aligned = _choose_scans(scans, pairs, config, generator)
     return sample_dense_crop_pair(fitted, regressor, config.anchors_per_crop, generator, aligned,
                                   config.aligned_jitter)
+
+
+def draw_training_pair(scans: dict, labels: dict, pairs, config: DisaTrainingConfig,
+                       generator: torch.Generator) -> DenseCropPair:
+    """One step's crop pair: real scans, or with ``synthetic_probability`` a synthetic co-registered
+    pair of a labelled scan.  (No extra random draw when that probability is 0, so runs of the
+    earlier recipe draw the same pairs as before.)"""
+    if labels and config.synthetic_probability > 0 and \
+            bool(torch.rand(1, generator=generator) < config.synthetic_probability):
+        names = sorted(labels)
+        name = names[int(torch.randint(len(names), (1,), generator=generator))]
+        return sample_synthetic_crop_pair(scans[name].data, labels[name].data, config.anchors_per_crop, generator,
+                                          config.aligned_jitter)
+    return draw_dense_crop_pair(scans, pairs, config, generator)
 
 
 def crop_descriptors(model: DISANet, pair: CropPair | DenseCropPair,
@@ -198,6 +216,8 @@ def train_disa(out_dir: str | Path, config: DisaTrainingConfig | None = None, da
     if config.loss_weighting not in LOSS_WEIGHTINGS:
         raise InvalidParameterError(f"unknown DISA loss weighting {config.loss_weighting!r}; "
                                     f"choose one of {', '.join(LOSS_WEIGHTINGS)}")
+    if not 0.0 <= config.synthetic_probability <= 1.0:
+        raise InvalidParameterError(f"synthetic_probability must be in [0, 1], got {config.synthetic_probability}")
     progress = progress or no_progress
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,6 +226,10 @@ def train_disa(out_dir: str | Path, config: DisaTrainingConfig | None = None, da
     device = resolve_device(config.device)
     cache = out / "prepared_scans"
     train_scans = scans_on(load_prepared_scans(data_dir, "train", config.spacing_mm, cache), device)
+    train_labels = (scans_on(load_prepared_labels(train_scans, data_dir, cache), device)
+                    if config.synthetic_probability > 0 else {})
+    if config.synthetic_probability > 0 and not train_labels:
+        raise InvalidParameterError("synthetic_probability > 0 needs labelled training scans; none has a label map")
     validation = validation_set(config, data_dir, cache, device)
     pairs = pair_pool(sorted(train_scans))
 
@@ -235,7 +259,7 @@ def train_disa(out_dir: str | Path, config: DisaTrainingConfig | None = None, da
         optimiser.zero_grad(set_to_none=True)
         losses = []
         for _ in range(config.crop_pairs_per_step):
-            pair = draw_dense_crop_pair(train_scans, pairs, config, generator)
+            pair = draw_training_pair(train_scans, train_labels, pairs, config, generator)
             loss = dense_loss(model, pair, Augmentation.random(generator), config.loss_weighting,
                               config.sign_symmetric)
             (loss / config.crop_pairs_per_step).backward()

@@ -29,7 +29,7 @@ from ..msode.warp import (BSplineBasis, apply_homogeneous, field_points, grid_po
                           sample_moving)
 from ..synthetic import synthesize_contrast
 from ..transforms.bspline import control_grid_for_domain
-from .scans import default_data_dir, read_voxelmorph_npz
+from .scans import default_data_dir, mni152_tissue_labels, read_voxelmorph_npz
 
 
 @dataclass
@@ -56,12 +56,9 @@ def raw_anatomies(data_dir: Path | None = None) -> list[tuple[str, Volume, Volum
     t1, seg = read_voxelmorph_npz(data_dir / "mr_t1_seg_vxm" / "t1_seg.npz")
     out.append(("voxelmorph_t1", t1, seg))
     t1 = _read(data_dir / "mni152_2009a" / "t1.nii.gz")
-    gm = _read(data_dir / "mni152_2009a" / "gm.nii.gz").data
-    wm = _read(data_dir / "mni152_2009a" / "wm.nii.gz").data
-    other = (255.0 - gm - wm).clamp_min(0)
-    labels = torch.stack([other, gm, wm]).argmax(0).int() + 1
-    labels = torch.where(t1.data > 0, labels, torch.zeros_like(labels))
-    out.append(("mni152_t1", t1, t1.with_data(labels, name="mni152_labels")))
+    labels = mni152_tissue_labels(t1, _read(data_dir / "mni152_2009a" / "gm.nii.gz"),
+                                  _read(data_dir / "mni152_2009a" / "wm.nii.gz"))
+    out.append(("mni152_t1", t1, labels))
     # a whole head (skull, scalp, neck) as the held-out Kirby21 scans show, where the two above are
     # brain-only or nearly so: without it a deformable model meets tissue it never saw at test time
     t1 = _read(data_dir / "colin27" / "t1.nii.gz")

@@ -68,6 +68,12 @@ def disa_model_card(summary: dict, benchmark: dict | None = None) -> str:
         "  t ~ U[0, 1]).",
         f"- Co-registered scans (Kirby21 T1/T2/FLAIR) use the same crop place with probability {c['aligned_probability']}"
         + (f", shifted by up to {c['aligned_jitter']} voxels per axis." if c.get("aligned_jitter") else "."),
+        *([f"- Synthetic co-registered pairs in {c['synthetic_probability']:.0%} of the steps: two label-driven contrasts",
+           "  (random intensity per label mixed with a random transfer of the scan, bias field, noise) of one",
+           "  crop of a labelled training scan (MNI152 tissue maps, voxelmorph 46 labels, LIDC 118 labels),",
+           "  or the scan and one such contrast; same place"
+           + (f", shifted by up to {c['aligned_jitter']} voxels per axis." if c.get("aligned_jitter") else ".")]
+          if c.get("synthetic_probability") else []),
         "- Augmentation: the same random cube symmetry (axis permutation + flips) for both crops, and an",
         "  independent random sign and affine intensity change per crop (LC² targets unchanged).",
         *(["- Trained on sign-symmetric descriptors ½(φ(x) + φ(−x)), as registration computes them."]

@@ -27,15 +27,18 @@ class ScanSpec:
     modality: str  # "CT" or "MR"
     split: str  # "train" or "validation"
     group: str = ""  # scans of one group are co-registered (same grid, same subject)
+    #: a label map of the scan (relative path; "" = none), read by :func:`read_labels`: what
+    #: label-driven synthetic contrasts of it are drawn from
+    labels: str = ""
 
 
 SCANS = (
     ScanSpec("kirby21_t1", "mr_kirby21_113/t1_mprage.nii.gz", "MR", "train", "kirby21"),
     ScanSpec("kirby21_t2", "mr_kirby21_113/t2.nii.gz", "MR", "train", "kirby21"),
     ScanSpec("kirby21_flair", "mr_kirby21_113/flair.nii.gz", "MR", "train", "kirby21"),
-    ScanSpec("mni152_t1", "mni152_2009a/t1.nii.gz", "MR", "train"),
-    ScanSpec("voxelmorph_t1", "mr_t1_seg_vxm/t1_seg.npz", "MR", "train"),
-    ScanSpec("lidc0001_ct", "ct_chest_lidc0001/ct.nii.gz", "CT", "train"),
+    ScanSpec("mni152_t1", "mni152_2009a/t1.nii.gz", "MR", "train", labels="mni152_2009a/gm.nii.gz"),
+    ScanSpec("voxelmorph_t1", "mr_t1_seg_vxm/t1_seg.npz", "MR", "train", labels="mr_t1_seg_vxm/t1_seg.npz"),
+    ScanSpec("lidc0001_ct", "ct_chest_lidc0001/ct.nii.gz", "CT", "train", labels="ct_chest_lidc0001/labels.nii.gz"),
     ScanSpec("colin27_t1", "colin27/t1.nii.gz", "MR", "validation"),
     ScanSpec("pelvis_ct", "ct_pelvis_ts/ct.nii.gz", "CT", "validation"),
 )
@@ -91,6 +94,58 @@ def read_scan(spec: ScanSpec, data_dir: Path) -> Volume:
     from ..image.io import read_volume
 
     return read_volume(path, name=spec.name).float()
+
+
+def mni152_tissue_labels(t1: Volume, gm: Volume, wm: Volume) -> Volume:
+    """Labels of the MNI152 template from its tissue probability maps: 0 outside the head (T1 = 0),
+    else the likeliest of 1 other (CSF, skull, scalp), 2 grey matter, 3 white matter."""
+    other = (255.0 - gm.data - wm.data).clamp_min(0)
+    labels = torch.stack([other, gm.data, wm.data]).argmax(0).int() + 1
+    labels = torch.where(t1.data > 0, labels, torch.zeros_like(labels))
+    return t1.with_data(labels, name="mni152_labels")
+
+
+def read_labels(spec: ScanSpec, data_dir: Path) -> Volume:
+    """The label map of a labelled scan on its own grid (integer ids ≥ 0)."""
+    from ..image.io import read_volume
+
+    if not spec.labels:
+        raise ImageReadError(f"training scan {spec.name} has no label map")
+    path = Path(data_dir) / spec.labels
+    if not path.exists():
+        raise ImageReadError(f"label map of {spec.name} not found at {path}; pass --data-dir")
+    if path.suffix == ".npz":
+        return read_voxelmorph_npz(path, spec.name)[1]
+    if spec.name == "mni152_t1":  # tissue maps, not labels: grey and white matter beside each other
+        t1 = read_scan(spec, data_dir)
+        return mni152_tissue_labels(t1, read_volume(path).float(), read_volume(path.parent / "wm.nii.gz").float())
+    labels = read_volume(path)
+    return labels.with_data(labels.data.round().int())
+
+
+def load_prepared_labels(prepared: dict[str, Volume], data_dir: Path | None = None,
+                         cache_dir: Path | None = None) -> dict[str, Volume]:
+    """Label maps of the labelled scans among ``prepared`` (by name), on each prepared scan's grid
+    (nearest neighbour), cached beside the prepared scans."""
+    from ..msode.grids import resample_onto
+
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
+    out = {}
+    for name, scan in prepared.items():
+        spec = spec_by_name(name)
+        if not spec.labels:
+            continue
+        cached = Path(cache_dir) / f"{name}_labels_{scan.geometry.spacing[0]:g}mm_v{PREPARED_FORMAT}.pt" if cache_dir else None
+        if cached is not None and cached.exists():
+            out[name] = scan.with_data(torch.load(cached, weights_only=True), name=f"{name}_labels")
+            continue
+        labels = resample_onto(read_labels(spec, data_dir).float(), scan.geometry, interpolation="nearest")
+        data = labels.data.round().to(torch.int16)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(data, cached)
+        out[name] = scan.with_data(data, name=f"{name}_labels")
+    return out
 
 
 def load_prepared_scans(data_dir: Path | None = None, split: str | None = None, spacing_mm: float = 2.0,
