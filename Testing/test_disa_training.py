@@ -407,3 +407,49 @@ def test_prepared_label_maps_lie_on_their_scans(tmp_path):
         assert float(image[lab == bright].mean()) > float(image[lab == dark].mean()) + 0.5
     cached = load_prepared_labels(scans, None, tmp_path)  # from the cache now
     assert all(torch.equal(cached[k].data, labels[k].data) for k in labels)
+
+
+def test_packed_scan_cache_is_read_without_the_data(tmp_path, monkeypatch):
+    """A run's prepared-scan cache, packed into one archive and unpacked elsewhere (a machine without
+    ../shared/data or SimpleITK), is read by load_prepared_scans/labels as if prepared there:
+    intensities to float16 precision, geometry and label maps exactly."""
+    from DeepMultimodalRegLib.image import ImageGeometry, Volume
+    from DeepMultimodalRegLib.training.scan_cache import pack_cache, unpack_cache
+    from DeepMultimodalRegLib.training.scans import PREPARED_FORMAT, load_prepared_labels, load_prepared_scans
+
+    source = tmp_path / "source"
+    source.mkdir()
+    g = torch.Generator().manual_seed(0)
+    scans = {}
+    for name in ("colin27_t1", "pelvis_ct"):
+        data = torch.randn(9, 10, 11, generator=g)
+        spacing, origin, direction = torch.tensor([2.0, 2.0, 2.0]), torch.tensor([1.0, -2.0, 3.5]), -torch.eye(3).reshape(-1)
+        torch.save({"data": data, "spacing": spacing, "origin": origin, "direction": direction},
+                   source / f"{name}_2mm_v{PREPARED_FORMAT}.pt")
+        scans[name] = data
+    labels = torch.randint(0, 40, (9, 10, 11), generator=g, dtype=torch.int16)
+    torch.save(labels, source / f"pelvis_ct_labels_2mm_v{PREPARED_FORMAT}.pt")
+
+    archive = tmp_path / "packed" / "prepared.npz"
+    assert len(pack_cache(source, archive)) == 3
+    unpacked = tmp_path / "elsewhere"
+    assert sorted(unpack_cache(archive, unpacked)) == sorted(p.name for p in source.glob("*.pt"))
+    loaded = load_prepared_scans(tmp_path / "no_data_here", "validation", 2.0, unpacked)
+    for name, data in scans.items():
+        assert loaded[name].data.dtype == torch.float32
+        assert torch.allclose(loaded[name].data, data, atol=4e-3)
+        assert loaded[name].geometry.same_grid(ImageGeometry(shape=(9, 10, 11), spacing=(2.0,) * 3,
+                                                             origin=(1.0, -2.0, 3.5),
+                                                             direction=tuple((-torch.eye(3)).reshape(-1).tolist())))
+    # the pelvis CT has a label-map file of the spec's naming; read back exactly, from the cache alone
+    import DeepMultimodalRegLib.training.scans as scans_module
+    spec = scans_module.spec_by_name("pelvis_ct")
+    patched = dict(zip([s.name for s in scans_module.SCANS], scans_module.SCANS))
+    patched["pelvis_ct"] = type(spec)(**{**spec.__dict__, "labels": "ct_pelvis_ts/labels.nii.gz"})
+    monkeypatch.setattr(scans_module, "spec_by_name", lambda name: patched[name])
+    lab = load_prepared_labels({"pelvis_ct": Volume(loaded["pelvis_ct"].data, loaded["pelvis_ct"].geometry)},
+                               tmp_path / "no_data_here", unpacked)
+    assert torch.equal(lab["pelvis_ct"].data, labels)
+    from DeepMultimodalRegLib.errors import ImageReadError
+    with pytest.raises(ImageReadError, match="no prepared-scan cache"):
+        pack_cache(tmp_path / "empty_dir_that_is_missing", tmp_path / "x.npz")

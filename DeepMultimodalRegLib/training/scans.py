@@ -16,6 +16,7 @@ import torch
 
 from ..disa.preprocess import prepare_for_disa
 from ..errors import ImageReadError
+from ..fileio import atomic_output
 from ..image.geometry import ImageGeometry
 from ..image.volume import Volume
 
@@ -142,15 +143,16 @@ def load_prepared_labels(prepared: dict[str, Volume], data_dir: Path | None = No
         labels = resample_onto(read_labels(spec, data_dir).float(), scan.geometry, interpolation="nearest")
         data = labels.data.round().to(torch.int16)
         if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(data, cached)
+            with atomic_output(cached) as tmp:  # a killed run leaves no half-written cache file
+                torch.save(data, tmp)
         out[name] = scan.with_data(data, name=f"{name}_labels")
     return out
 
 
 def load_prepared_scans(data_dir: Path | None = None, split: str | None = None, spacing_mm: float = 2.0,
                         cache_dir: Path | None = None) -> dict[str, Volume]:
-    """Prepared scans by name (optionally one split), cached as .npz to make resumed runs fast."""
+    """Prepared scans by name (optionally one split), cached as .pt files to make resumed runs fast
+    (:mod:`.scan_cache` packs that folder for a machine without the data)."""
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     out = {}
     for spec in SCANS:
@@ -166,10 +168,10 @@ def load_prepared_scans(data_dir: Path | None = None, split: str | None = None, 
             continue
         volume = prepare_for_disa(read_scan(spec, data_dir), spacing_mm, spec.modality)
         if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
             g = volume.geometry
-            torch.save({"data": volume.data, "spacing": torch.tensor(g.spacing), "origin": torch.tensor(g.origin),
-                        "direction": torch.tensor(g.direction)}, cached)
+            with atomic_output(cached) as tmp:  # a killed run leaves no half-written cache file
+                torch.save({"data": volume.data, "spacing": torch.tensor(g.spacing), "origin": torch.tensor(g.origin),
+                            "direction": torch.tensor(g.direction)}, tmp)
         out[spec.name] = volume
     return out
 
