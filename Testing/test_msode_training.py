@@ -293,3 +293,25 @@ def test_training_anatomies_include_a_whole_head_upright_like_mni152():
     a = resample_onto(anatomies["mni152_t1"][0], grid).data.double().reshape(-1)
     b = resample_onto(colin, grid).data.double().reshape(-1)
     assert float(torch.corrcoef(torch.stack([a, b]))[0, 1]) > 0.5
+
+
+def test_prepared_anatomies_are_cached_and_travel_packed(tmp_path):
+    """The recipe's anatomies are prepared once into the run folder; a second run (or a machine
+    without the data and SimpleITK, after scan_cache pack/unpack) reads them from there: images to
+    float16 precision, labels, masks and grids exactly."""
+    from DeepMultimodalRegLib.training.msode_data import ANATOMY_NAMES, load_prepared_anatomies
+    from DeepMultimodalRegLib.training.scan_cache import pack_cache, unpack_cache
+
+    cache = tmp_path / "run" / "prepared_anatomies"
+    first = load_prepared_anatomies(None, 16, 16.0, cache)
+    assert [a.name for a in first] == list(ANATOMY_NAMES) and len(list(cache.glob("*.pt"))) == 3
+    pack_cache(cache, tmp_path / "packed.npz")
+    unpack_cache(tmp_path / "packed.npz", tmp_path / "there")
+    for folder, tolerance in ((cache, 0.0), (tmp_path / "there", 1e-3)):
+        again = load_prepared_anatomies(tmp_path / "no_data_here", 16, 16.0, folder)
+        for a, b in zip(first, again):
+            assert a.name == b.name and b.image.geometry.same_grid(a.image.geometry)
+            assert torch.allclose(a.image.data, b.image.data, atol=tolerance)
+            assert torch.equal(a.labels.data, b.labels.data) and torch.equal(a.mask, b.mask)
+    with pytest.raises(DeepMMRegError):  # another grid is not in the cache: it needs the data
+        load_prepared_anatomies(tmp_path / "no_data_here", 8, 16.0, cache)

@@ -1,14 +1,14 @@
 """Training pairs for MS-ODE: label-driven contrasts of real brain T1 scans, moved by the paper's motions.
 
-Anatomies (``../shared/data``): the voxelmorph T1 with its 46-label segmentation, and the MNI152
+Anatomies (``../shared/data``): the voxelmorph T1 with its 46-label segmentation, the MNI152
 2009a T1 with labels from its grey/white-matter maps (CSF-or-other / GM / WM by the largest
-probability inside the brain).  Kirby21 (the only subject with real T1/T2/FLAIR) is held out for
-the benchmark; Colin27 (with skull) is not used.  Each anatomy is resampled once onto an
-LPS-aligned working grid; every sample then draws two contrasts (``synthesize_contrast``: random
-intensity per label, bias field, noise; or the real T1 with probability ``real_t1_probability``),
-masks them to the brain (the scans are skull-stripped, as the benchmark's) and moves the first by
-a random motion: rigid rotations U(−a, a) per axis and translations U(−b, b) mm (paper: 75°, 20
-mm), or B-spline control-point displacements N(0, σ²) (paper: σ = 8 mm).
+probability inside the brain), and Colin27 (a whole head with skull, AAL labels).  Kirby21 (the
+only subject with real T1/T2/FLAIR) is held out for the benchmark.  Each anatomy is resampled once
+onto an LPS-aligned working grid (cached by :func:`load_prepared_anatomies`); every sample then
+draws two contrasts (``synthesize_contrast``: random intensity per label, bias field, noise; or
+the real T1 with probability ``real_t1_probability``), masks them to the head and moves the first
+by a random motion: rigid rotations U(−a, a) per axis and translations U(−b, b) mm (paper: 75°,
+20 mm), or B-spline control-point displacements N(0, σ²) (paper: σ = 8 mm).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import ImageReadError
+from ..fileio import atomic_output
 from ..image.geometry import ImageGeometry
 from ..image.volume import Volume
 from ..msode.grids import centre_of_mass, normalise, pyramid, resample_onto, working_grid
@@ -76,6 +77,44 @@ def prepare_anatomies(raw, size: int, spacing_mm: float) -> list[Anatomy]:
         mask = (lab.data > 0) | (im.data > 0)
         out.append(Anatomy(name, im.with_data(normalise(im.data) * mask), lab.with_data(lab.data.round().long()), mask))
     return out
+
+
+#: the anatomies :func:`raw_anatomies` reads, in its order (a cache is read back in this order)
+ANATOMY_NAMES = ("voxelmorph_t1", "mni152_t1", "colin27_t1")
+#: version of the anatomy cache files; bump it whenever reading or preparing an anatomy changes
+ANATOMY_FORMAT = 1
+
+
+def _anatomy_file(cache_dir: Path, name: str, size: int, spacing_mm: float) -> Path:
+    return Path(cache_dir) / f"{name}_anatomy_{size}_{spacing_mm:g}mm_v{ANATOMY_FORMAT}.pt"
+
+
+def load_prepared_anatomies(data_dir: Path | None, size: int, spacing_mm: float,
+                            cache_dir: Path | None = None) -> list[Anatomy]:
+    """:func:`prepare_anatomies` of :func:`raw_anatomies`, cached in ``cache_dir`` (one .pt file per
+    anatomy, written atomically).  With every file cached, neither the data nor SimpleITK is needed,
+    so a run can move to a machine without them (``scripts/scan_cache.py`` packs the folder)."""
+    files = [_anatomy_file(cache_dir, n, size, spacing_mm) for n in ANATOMY_NAMES] if cache_dir else []
+    if files and all(f.exists() for f in files):
+        out = []
+        for name, path in zip(ANATOMY_NAMES, files):
+            saved = torch.load(path, weights_only=True)
+            geometry = ImageGeometry(shape=tuple(saved["image"].shape), spacing=tuple(saved["spacing"].tolist()),
+                                     origin=tuple(saved["origin"].tolist()), direction=tuple(saved["direction"].tolist()))
+            out.append(Anatomy(name, Volume(saved["image"], geometry, name=name),
+                               Volume(saved["labels"], geometry, name=f"{name}_labels"), saved["mask"]))
+        return out
+    raw = raw_anatomies(data_dir)
+    if [r[0] for r in raw] != list(ANATOMY_NAMES):
+        raise AssertionError("raw_anatomies and ANATOMY_NAMES disagree")  # a programming error, not user input
+    anatomies = prepare_anatomies(raw, size, spacing_mm)
+    for anatomy, path in zip(anatomies, files):
+        g = anatomy.image.geometry
+        with atomic_output(path) as tmp:
+            torch.save({"image": anatomy.image.data, "labels": anatomy.labels.data, "mask": anatomy.mask,
+                        "spacing": torch.tensor(g.spacing), "origin": torch.tensor(g.origin),
+                        "direction": torch.tensor(g.direction)}, tmp)
+    return anatomies
 
 
 #: synthesised contrasts kept per anatomy; once full, a draw re-uses one (with probability 1 − POOL_REFRESH)

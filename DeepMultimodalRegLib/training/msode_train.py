@@ -31,7 +31,7 @@ from ..msode.similarity import similarity_loss
 from ..msode.solvers import parse_solvers
 from ..msode.warp import apply_homogeneous, field_points, gradient_penalty, rigid_homogeneous
 from ..progress import CancelToken, ProgressCallback, no_progress
-from .msode_data import MotionSettings, TrainingBatch, make_batch, prepare_anatomies, raw_anatomies
+from .msode_data import MotionSettings, TrainingBatch, load_prepared_anatomies, make_batch
 
 
 @dataclass
@@ -144,7 +144,7 @@ def train_msode(out_dir: str | Path, config: MSODETrainingConfig | None = None, 
     if config.threads:
         torch.set_num_threads(config.threads)
     if anatomies is None:
-        anatomies = prepare_anatomies(raw_anatomies(data_dir), config.size, config.spacing_mm)
+        anatomies = load_prepared_anatomies(data_dir, config.size, config.spacing_mm, out / "prepared_anatomies")
     solvers = parse_solvers(config.training_solvers)
     motion = config.motion()
     validation_generator = torch.Generator().manual_seed(100_000 + config.seed)

@@ -31,7 +31,7 @@ from ..fileio import atomic_output
 from ..msode.translation import TranslationConfig, TranslationGAN
 from ..progress import CancelToken, ProgressCallback, no_progress
 from .checkpoint import TrainingState, load_checkpoint, save_checkpoint, time_to_stop, write_run_records
-from .msode_data import prepare_anatomies, raw_anatomies
+from .msode_data import load_prepared_anatomies
 from .translation_data import SlicePairs, SliceSampling, sample_pairs
 
 #: generator-side loss terms, in the order they are reported
@@ -169,7 +169,7 @@ def train_translation(out_dir: str | Path, config: TranslationTrainingConfig | N
     if config.threads:
         torch.set_num_threads(config.threads)
     if anatomies is None:
-        anatomies = prepare_anatomies(raw_anatomies(data_dir), config.grid, config.spacing_mm)
+        anatomies = load_prepared_anatomies(data_dir, config.grid, config.spacing_mm, out / "prepared_anatomies")
     sampling, weights = config.sampling(), config.weights()
     torch.manual_seed(config.seed)
     gan = TranslationGAN(config.model_config())
