@@ -7,7 +7,6 @@ test; the library's transforms for the point maps.
 
 from __future__ import annotations
 
-import math
 import sys
 
 import numpy as np
@@ -30,10 +29,10 @@ from DeepMultimodalRegLib.region import Box  # noqa: E402
 from DeepMultimodalRegLib.transforms.displacement import DisplacementFieldTransform  # noqa: E402
 from DeepMultimodalRegLib.transforms.linear import AffineTransform, RigidTransform  # noqa: E402
 from DeepMultimodalRegMRML import parameters as P  # noqa: E402
-from DeepMultimodalRegMRML.coordinates import FLIP, lps_from_ras_points  # noqa: E402
+from DeepMultimodalRegMRML.coordinates import lps_from_ras_points  # noqa: E402
 from DeepMultimodalRegMRML.roi import box_from_roi, roi_from_box  # noqa: E402
 from DeepMultimodalRegMRML.transform_nodes import set_transform_node, transform_points_ras  # noqa: E402
-from DeepMultimodalRegMRML.volumes import geometry_from_node, node_from_volume, volume_from_node  # noqa: E402
+from DeepMultimodalRegMRML.volumes import node_from_volume, volume_from_node  # noqa: E402
 
 
 def _rotation(ax: float, ay: float, az: float) -> np.ndarray:
