@@ -131,6 +131,11 @@ def test_models_lists_the_manifest(capsys):
     from DeepMultimodalRegLib.weights import load_manifest
 
     assert [e["name"] for e in entries] == [e.name for e in load_manifest()]
+    # the preliminary DISA weights say so, in the listing a user reads
+    assert main(["models"]) == 0
+    listing = capsys.readouterr().out
+    disa_status = next(e["status"] for e in entries if e["name"] == "disa")
+    assert disa_status.startswith("preliminary") and f"status: {disa_status}" in listing
 
 
 def test_console_script_entry_point_runs():

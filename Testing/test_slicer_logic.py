@@ -178,3 +178,15 @@ def test_disa_result_gets_a_local_disa_map_that_agrees_with_local_lc2(scene, mis
     keep = lc2_on_disa > 0  # inside the LC² map's field of view
     assert keep.sum() > 50
     assert np.corrcoef(values[keep], lc2_on_disa[keep])[0, 1] > 0.2
+
+
+def test_status_text_carries_the_known_limits_of_the_weights_used():
+    from types import SimpleNamespace
+
+    from DeepMultimodalRegMRML.logic import summarise
+
+    plain = SimpleNamespace(method="mind-rigid", seconds=2.0, device="cpu", figures={})
+    assert "\n" not in summarise(plain)
+    disa = SimpleNamespace(method="disa-rigid", seconds=2.0, device="cpu",
+                           figures={"weights_status": "preliminary: 2 mm off on T2"})
+    assert summarise(disa).splitlines()[1] == "Weights: preliminary: 2 mm off on T2"

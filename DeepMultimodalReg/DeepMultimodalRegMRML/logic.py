@@ -69,12 +69,15 @@ def _search_extra(settings: dict) -> dict:
 
 
 def summarise(result: RegistrationResult) -> str:
-    """One status line: method, time, device, similarity before → after."""
+    """The status text: method, time, device, similarity before → after; then, on a line of its own,
+    the known limits of the shipped weights the method used, where the manifest states any."""
     figures = result.figures
     text = f"{result.method}: {result.seconds:.1f} s on {result.device}"
     before, after = figures.get("similarity_before"), figures.get("similarity_after")
     if isinstance(before, (int, float)) and isinstance(after, (int, float)):
         text += f"; similarity {before:.3f} → {after:.3f}"
+    if figures.get("weights_status"):
+        text += f"\nWeights: {figures['weights_status']}"
     return text
 
 

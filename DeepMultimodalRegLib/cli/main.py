@@ -302,6 +302,8 @@ def cmd_models(args) -> int:
         print("no networks are shipped in this version yet")
     for e in entries:
         print(f"{e.name:<24} {e.method:<10} {e.parameters:>10,d} params  sha256 {e.sha256[:16]}…  {e.file}  card: {e.card}")
+        if e.status:
+            print(f"{'':<24} status: {e.status}")
     return 0
 
 

@@ -164,6 +164,12 @@ def _register(kind: str, mode: str, fixed: Volume, moving: Volume, options: Regi
         "evaluations": evaluations, "search": settings.search, "features": pair.name,
         "feature_points": fine.point_count, "seed": options.seed,
     }
+    if kind == "disa" and extra.get("model") is None:
+        from ..weights.manifest import model_status
+
+        status = model_status("disa")
+        if status:  # the shipped weights' known limits travel with every result made with them
+            figures["weights_status"] = status
     if mode == "deformable":
         figures.update(_folding(transform, fixed))
     if settings.search == "global":

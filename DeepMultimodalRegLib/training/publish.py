@@ -13,9 +13,11 @@ from ..weights import manifest as manifest_module
 from ..weights.manifest import ModelEntry, load_manifest, sha256_of
 
 
-def publish_weights(weights: Path, name: str, method: str, card_text: str, description: str = "") -> ModelEntry:
+def publish_weights(weights: Path, name: str, method: str, card_text: str, description: str = "",
+                    status: str = "") -> ModelEntry:
     """Copy ``weights`` into the package's weights folder as ``{name}.pt``, write ``{name}_card.md``
-    and add or replace the manifest entry (atomically)."""
+    and add or replace the manifest entry (atomically).  ``status``: the known limits users must see
+    (:attr:`ModelEntry.status`); a replaced entry's status is not carried over."""
     weights_dir = manifest_module.WEIGHTS_DIR
     state = torch.load(weights, map_location="cpu", weights_only=True)  # refuses anything but tensors
     target = weights_dir / f"{name}.pt"
@@ -26,7 +28,7 @@ def publish_weights(weights: Path, name: str, method: str, card_text: str, descr
         tmp.write_text(card_text, encoding="utf-8")
     entry = ModelEntry(name=name, method=method, file=target.name, sha256=sha256_of(target),
                        parameters=int(sum(v.numel() for v in state.values() if v.dtype.is_floating_point)),
-                       card=card.name, description=description)
+                       card=card.name, description=description, status=status)
     entries = [e for e in load_manifest() if e.name != name] + [entry]
     with atomic_output(manifest_module.MANIFEST) as tmp:
         tmp.write_text(json.dumps({"models": [

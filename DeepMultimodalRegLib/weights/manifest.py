@@ -32,6 +32,9 @@ class ModelEntry:
     parameters: int
     card: str
     description: str = ""
+    #: known limits a user must see before relying on the network (shown by ``deepmmreg models`` and
+    #: recorded in the results of the methods that use it); "" when its card states no such limit
+    status: str = ""
 
     @property
     def path(self) -> Path:
@@ -55,6 +58,11 @@ def load_manifest(path: Path | None = None) -> list[ModelEntry]:
     with open(path) as f:
         data = json.load(f)
     return [ModelEntry(**entry) for entry in data.get("models", [])]
+
+
+def model_status(name: str) -> str:
+    """The manifest's ``status`` of the shipped network ``name`` ("" when none or not shipped)."""
+    return next((e.status for e in load_manifest() if e.name == name), "")
 
 
 def sha256_of(path: Path) -> str:
