@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global search: rotations within ±this about each axis (default 40; the paper's brain range is 10)")
     r.add_argument("--range-mm", type=float,
                    help="global search: translations within ±this along each axis (default 150; brain: 25)")
+    r.add_argument("--refine", choices=("mind",),
+                   help="disa-*: after the DISA rigid search, polish the pose locally on MIND-SSC features (and use "
+                        "them for the affine/deformable stages): DISA's capture range, MIND-SSC's accuracy")
     # --- rso (issue 5)
     r.add_argument("--weights", type=Path, help="deep: general-model weights (default: the shipped `general`); msode-*: a trained MS-ODE model "
                         "(none ships yet)")
@@ -230,7 +233,8 @@ def cmd_register(args) -> int:
     masks = {k: read_volume(getattr(args, k)) if getattr(args, k) else None for k in ("fixed_mask", "moving_mask")}
     bar = TqdmProgress(args.method)
     try:
-        extra = {k: getattr(args, k) for k in ("starts", "range_deg", "range_mm") if getattr(args, k) is not None}
+        extra = {k: getattr(args, k) for k in ("starts", "range_deg", "range_mm", "refine")
+                 if getattr(args, k, None) is not None}
         # --- rso (issue 5): deep-method settings
         if getattr(args, "weights", None) is not None:
             extra["weights"] = str(args.weights)

@@ -13,7 +13,15 @@ Options in ``RegistrationOptions.extra``: ``starts``, ``range_deg``, ``range_mm`
 ``initial`` (a linear transform to start from instead of aligned image centres), ``deformable``
 ("dense" | "bspline"), ``control_spacing_mm``, ``model`` (a DISA network already loaded),
 ``fixed_modality``/``moving_modality`` ("CT" | "MR", guessed otherwise), ``disa_sign_symmetric``
-(default True: DISA descriptors averaged over each image and its negative; False: the raw network).
+(default True: DISA descriptors averaged over each image and its negative; False: the raw network),
+``refine`` (disa-* only; "mind": after the DISA rigid search, a local rigid search on MIND-SSC
+features from its pose, and MIND-SSC for the later stages too).
+
+Why ``refine="mind"``: the shipped DISA descriptors find the right basin from far away (global
+search) but their optimum lies up to ~2–3 mm from the true pose on some contrast pairs (Kirby21
+T2: 2.2 mm; docs/benchmarks.md), while MIND-SSC on this engine sits within ~0.5 mm but is slower
+to search globally.  DISA's search then MIND-SSC's local polish gives both.  The result is no
+longer DISA alone, and its report says so (``figures["refine"]``).
 """
 
 from __future__ import annotations
@@ -42,7 +50,9 @@ from .search import SearchSettings, search_pose
 
 _EXTRA_KEYS = {"starts", "range_deg", "range_mm", "initial", "deformable", "control_spacing_mm", "model",
                "fixed_modality", "moving_modality", "coarse_points", "fine_points", "coarse_iterations",
-               "fine_iterations", "keep", "memory_budget_bytes", "dense", "disa_sign_symmetric"}
+               "fine_iterations", "keep", "memory_budget_bytes", "dense", "disa_sign_symmetric", "refine"}
+#: what ``extra["refine"]`` may name: the features of a local rigid polish after the DISA search
+REFINEMENTS = ("mind",)
 
 
 def _boxes_overlap(a: Volume, b: Volume) -> bool:
@@ -91,6 +101,10 @@ def register_with_features(kind: str, mode: str, fixed: Volume, moving: Volume,
     validate_registration_input(fixed, "fixed", method)
     validate_registration_input(moving, "moving", method)
     _check_extra(options)
+    refine = options.extra.get("refine")
+    if refine is not None and (kind != "disa" or refine not in REFINEMENTS):
+        raise InvalidParameterError(f"refine={refine!r} is not available for {method}; disa-* methods take "
+                                    f"refine={' or '.join(map(repr, REFINEMENTS))}")
     settings = _settings(options)
     settings.validate()
     device = resolve_device(options.device)
@@ -133,13 +147,32 @@ def _register(kind: str, mode: str, fixed: Volume, moving: Volume, options: Regi
 
     t0 = time.perf_counter()
     x_init = rigid_p.initial(initial if isinstance(initial, RigidTransform) else nearest_rotation_pose(initial))
-    outcome = search_pose(pair, rigid_p, x_init, settings, options.seed, scope.sub(0.05, 0.6 if mode != "rigid" else 1.0), options.cancel)
+    refine = extra.get("refine")
+    rigid_end = 1.0 if mode == "rigid" else 0.6
+    search_end = 0.5 * rigid_end if refine else rigid_end
+    outcome = search_pose(pair, rigid_p, x_init, settings, options.seed, scope.sub(0.05, search_end), options.cancel)
     history.append(RegistrationStep(f"rigid ({settings.search})", time.perf_counter() - t0, outcome.iterations,
                                     {"evaluations": outcome.evaluations, "similarity": outcome.similarity,
                                      **{k: round(v, 3) for k, v in outcome.stages.items()}}))
     transform = rigid_p.transform(outcome.x)
     evaluations = outcome.evaluations
     local = SearchSettings(**{**vars(settings), "search": "local"})
+    refined = {}
+    if refine:
+        t1 = time.perf_counter()
+        scope(search_end, f"refining with {refine} features")
+        pair = feature_pair(refine, fixed, moving, device, fixed_mask=options.fixed_mask,
+                            moving_mask=options.moving_mask, fixed_modality=extra.get("fixed_modality"),
+                            moving_modality=extra.get("moving_modality"))
+        outcome = search_pose(pair, rigid_p, rigid_p.initial(transform), local, options.seed,
+                              scope.sub(search_end, rigid_end), options.cancel)
+        transform = rigid_p.transform(outcome.x)
+        evaluations += outcome.evaluations
+        refined = {"refine": refine, f"{refine}_similarity_after_refinement": outcome.similarity}
+        history.append(RegistrationStep(f"rigid refinement ({pair.name}, local)", time.perf_counter() - t1,
+                                        outcome.iterations, {"evaluations": outcome.evaluations,
+                                                             "similarity": outcome.similarity,
+                                                             "features_seconds": round(pair.seconds, 3)}))
     if mode in ("affine", "deformable"):
         t1 = time.perf_counter()
         affine_p = AffineParametrization(center, radius)
@@ -162,7 +195,7 @@ def _register(kind: str, mode: str, fixed: Volume, moving: Volume, options: Regi
     figures = {
         f"{kind}_similarity_before": before, f"{kind}_similarity_after": after,
         "evaluations": evaluations, "search": settings.search, "features": pair.name,
-        "feature_points": fine.point_count, "seed": options.seed,
+        "feature_points": fine.point_count, "seed": options.seed, **refined,
     }
     if kind == "disa" and extra.get("model") is None:
         from ..weights.manifest import model_status
