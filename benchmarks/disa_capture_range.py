@@ -32,6 +32,8 @@ SimpleITK both limited to ``--threads`` 2):
 
 * ``disa-local`` / ``disa-global``: ``disa-rigid`` with ``search`` local / global (global: ``--starts``
   500 starts within ±40°, ±150 mm, the library's defaults);
+* ``disa-global-mind``: ``disa-global``, then a local rigid polish on MIND-SSC features from its
+  pose (``refine="mind"``): DISA's capture range with MIND-SSC's accuracy — no longer DISA alone;
 * ``mind-local`` / ``mind-global``: ``mind-rigid``, the same engine on MIND-SSC features;
 * ``lc2-local``: ``lc2-rigid`` (Powell on direct volume LC²): slow, so it runs only on the first
   ``--lc2-cases-per-bin`` cases (default 2) of every pair and bin; the table says on how many;
@@ -89,9 +91,11 @@ from disa_descriptor import machine_info  # noqa: E402  (shared benchmark helper
 REPO = Path(__file__).resolve().parents[1]
 BINS_MM = ((0.0, 25.0), (25.0, 50.0), (50.0, 75.0), (75.0, 100.0))
 ALL_PAIRS = ("t2", "flair", "ct")
-ALL_METHODS = ("disa-local", "disa-global", "mind-local", "mind-global", "lc2-local", "sitk-mattes")
+ALL_METHODS = ("disa-local", "disa-global", "disa-global-mind", "mind-local", "mind-global", "lc2-local",
+               "sitk-mattes")
 #: method name → (library method, search)
 LIBRARY_METHODS = {"disa-local": ("disa-rigid", "local"), "disa-global": ("disa-rigid", "global"),
+                   "disa-global-mind": ("disa-rigid", "global"),
                    "mind-local": ("mind-rigid", "local"), "mind-global": ("mind-rigid", "global"),
                    "lc2-local": ("lc2-rigid", "local")}
 MAX_ROTATION_DEG = 40.0
@@ -262,6 +266,8 @@ def run_method(method: str, fixed: Volume, moving: Volume, seed: int, args):
     extra = {}
     if search == "global":
         extra = {"starts": args.starts, "range_deg": args.range_deg, "range_mm": args.range_mm}
+    if method == "disa-global-mind":
+        extra["refine"] = "mind"
     if method == "lc2-local" and args.lc2_max_evaluations:
         extra = {"max_evaluations": args.lc2_max_evaluations}
     if method.startswith("disa") and args.disa_weights:
