@@ -74,6 +74,7 @@ PARAMETER_WIDGETS = {
     "startsSpinBox": "QSpinBox",
     "rangeDegSpinBox": "QSpinBox",
     "rangeMmSpinBox": "QSpinBox",
+    "refineMindCheckBox": "QCheckBox",
     "deviceComboBox": "QComboBox",
     "outputTransformSelector": "qMRMLNodeComboBox",
     "outputVolumeSelector": "qMRMLNodeComboBox",

@@ -63,9 +63,13 @@ class RegistrationOutputs:
 
 
 def _search_extra(settings: dict) -> dict:
-    if settings["Search"] != "global":
-        return {}
-    return {"starts": settings["Starts"], "range_deg": settings["RangeDeg"], "range_mm": settings["RangeMm"]}
+    """The feature engine's options (disa-*, mind-*) from the module's settings."""
+    extra = {}
+    if settings["Search"] == "global":
+        extra = {"starts": settings["Starts"], "range_deg": settings["RangeDeg"], "range_mm": settings["RangeMm"]}
+    if settings.get("RefineMind") and settings["Method"].startswith("disa"):
+        extra["refine"] = "mind"
+    return extra
 
 
 def summarise(result: RegistrationResult) -> str:
