@@ -365,5 +365,8 @@ def test_a_search_larger_than_the_memory_budget_runs_in_chunks_with_the_same_res
                   fine_iterations=5, keep=2, fine_points=2000, coarse_points=500)
     whole = search_pose(pair, p, x0, SearchSettings(**common), seed=1)
     chunked = search_pose(pair, p, x0, SearchSettings(**common, memory_budget_bytes=1), seed=1)  # one start a chunk
-    assert torch.allclose(whole.x, chunked.x, atol=1e-6)
+    # the same up to float32 rounding: the maps are float32 and a batch of 12 poses sums its dot
+    # products in another order than a batch of one, which ten L-BFGS iterations amplify to ~2e-4
+    # (rad, mm) on this pair; a chunking error would move starts by whole poses
+    assert torch.allclose(whole.x, chunked.x, atol=1e-3)
     assert whole.evaluations == chunked.evaluations

