@@ -97,6 +97,12 @@ def read_scan(spec: ScanSpec, data_dir: Path) -> Volume:
     return read_volume(path, name=spec.name).float()
 
 
+def _cache_file(cache_dir: Path | None, stem: str, spacing_mm: float) -> Path | None:
+    """Where a prepared scan or label map is cached (None: no cache); the name carries the spacing and
+    PREPARED_FORMAT, so a changed preparation is never read back."""
+    return Path(cache_dir) / f"{stem}_{spacing_mm:g}mm_v{PREPARED_FORMAT}.pt" if cache_dir else None
+
+
 def mni152_tissue_labels(t1: Volume, gm: Volume, wm: Volume) -> Volume:
     """Labels of the MNI152 template from its tissue probability maps: 0 outside the head (T1 = 0),
     else the likeliest of 1 other (CSF, skull, scalp), 2 grey matter, 3 white matter."""
@@ -136,7 +142,7 @@ def load_prepared_labels(prepared: dict[str, Volume], data_dir: Path | None = No
         spec = spec_by_name(name)
         if not spec.labels:
             continue
-        cached = Path(cache_dir) / f"{name}_labels_{scan.geometry.spacing[0]:g}mm_v{PREPARED_FORMAT}.pt" if cache_dir else None
+        cached = _cache_file(cache_dir, f"{name}_labels", scan.geometry.spacing[0])
         if cached is not None and cached.exists():
             out[name] = scan.with_data(torch.load(cached, weights_only=True), name=f"{name}_labels")
             continue
@@ -158,7 +164,7 @@ def load_prepared_scans(data_dir: Path | None = None, split: str | None = None, 
     for spec in SCANS:
         if split is not None and spec.split != split:
             continue
-        cached = Path(cache_dir) / f"{spec.name}_{spacing_mm:g}mm_v{PREPARED_FORMAT}.pt" if cache_dir else None
+        cached = _cache_file(cache_dir, spec.name, spacing_mm)
         if cached is not None and cached.exists():
             saved = torch.load(cached, weights_only=True)
             geometry = ImageGeometry(shape=tuple(saved["data"].shape), spacing=tuple(saved["spacing"].tolist()),
