@@ -261,8 +261,10 @@ def test_cli_flags_reach_the_training_config(tmp_path):
     args = build_parser().parse_args(["train", "disa", "-o", "x", "--loss-weighting", "t-sampling",
                                       "--learning-rate", "1e-4", "--crop-pairs-per-step", "4", "--device", "cpu",
                                       "--init-weights", str(weights), "--minutes", "5", "--steps", "300",
-                                      "--sign-symmetric", "--output-init-scale", "8", "--synthetic-probability", "0.3"])
+                                      "--sign-symmetric", "--output-init-scale", "8", "--synthetic-probability", "0.3",
+                                      "--distil-steps", "200", "--teacher-landmarks", "64"])
     config = config_from_args(args)
+    assert (config.distil_steps, config.teacher_landmarks) == (200, 64)
     assert (config.loss_weighting, config.learning_rate, config.crop_pairs_per_step, config.device,
             config.init_weights, config.max_minutes, config.steps, config.sign_symmetric,
             config.output_init_scale, config.synthetic_probability) == ("t-sampling", 1e-4, 4, "cpu", str(weights),
@@ -270,6 +272,7 @@ def test_cli_flags_reach_the_training_config(tmp_path):
     default = config_from_args(build_parser().parse_args(["train", "disa", "-o", "x"]))
     assert (default.loss_weighting, default.device, default.init_weights, default.sign_symmetric,
             default.output_init_scale, default.synthetic_probability) == ("bins", "auto", None, False, 1.0, 0.0)
+    assert default.distil_steps == 0
     with pytest.raises(InvalidParameterError, match="--steps"):
         config_from_args(build_parser().parse_args(["train", "disa", "-o", "x", "--steps", "0"]))
     with pytest.raises(InvalidParameterError, match="initial weights not found"):
@@ -321,7 +324,13 @@ def test_model_card_states_the_loss_weighting_and_the_jitter_of_its_run():
     card = disa_model_card({**summary, "config": asdict(DisaTrainingConfig(output_init_scale=8.0))})
     assert "last layer's default initialisation × 8." in card and "Synthetic co-registered" not in card
     card = disa_model_card({**summary, "config": asdict(DisaTrainingConfig(synthetic_probability=0.3))})
-    assert "Synthetic co-registered pairs in 30% of the steps" in card
+    assert "Synthetic co-registered pairs in 30% of the steps" in card and "distillation" not in card
+    teacher = {"weighted_loss_nystrom": 0.03, "weighted_loss_refined": 0.005}
+    card = disa_model_card({**summary, "steps": 5, "teacher": teacher,
+                            "config": asdict(DisaTrainingConfig(distil_steps=3, steps=5))})
+    assert "Steps 1–3: distillation" in card and "0.0300 → 0.0050" in card and "follows from step 4" in card
+    card = disa_model_card({**summary, "steps": 3, "config": asdict(DisaTrainingConfig(distil_steps=3, steps=3))})
+    assert "ended inside this stage" in card
 
 
 def _quantile_labels(image: torch.Tensor, classes: int = 4) -> torch.Tensor:

@@ -17,6 +17,9 @@ import torch
 from DeepMultimodalRegLib.errors import InvalidImageError, InvalidParameterError
 from DeepMultimodalRegLib.metrics import (LC2_RIDGE, MIND_SSC_PAIRS, disa_target, gradient_magnitude,
                                           lc2_at_points, lc2_map, mind_ssc, mind_ssd, patch_lc2, volume_lc2)
+from DeepMultimodalRegLib.metrics.lc2 import (lc2_patches_against_volume, lc2_volume_against_patches,
+                                              patch_lc2_matrix)
+from DeepMultimodalRegLib.metrics.local_stats import extract_patches
 from DeepMultimodalRegLib.transforms import RigidTransform, warp_volume
 
 FLOOR = 1e-12
@@ -145,6 +148,37 @@ def test_lc2_at_points_matches_numpy_on_real_scans(t1t2, pelvis_ct):
     assert ours.dtype == torch.float32
     ref = np_lc2_at(a_np, ct.numpy(), centres[:16], cc, 3)
     assert np.allclose(ours.numpy(), ref, atol=1e-4)
+
+
+def test_patch_sets_against_volumes_match_numpy_in_both_directions(t1t2):
+    """The teacher's building blocks (given patches against every strided voxel of a volume, fitted or
+    regressor, and patch set against patch set) equal the NumPy reference pair by pair."""
+    t1, t2 = (x[30:70, 40:80, 30:66] for x in t1t2)  # a real crop, foreground and background
+    a_np, b_np = t1.numpy(), t2.numpy()
+    g_np = np_gradient_magnitude(b_np)
+    r, stride = 3, 4
+    landmarks = torch.tensor([[20, 20, 18], [12, 25, 9], [30, 8, 27]])
+    a_patches = extract_patches(t1, landmarks, r)
+    b_patches = extract_patches(t2, landmarks, r)
+    g_patches = extract_patches(gradient_magnitude(t2), landmarks, r)
+    forward = lc2_patches_against_volume(a_patches, t2, r, stride)  # landmark of t1 fitted by t2's patches
+    backward = lc2_volume_against_patches(t1, b_patches, g_patches, r, stride)  # t1's patches fitted by the landmarks of t2
+    assert forward.shape == backward.shape == (3, 10, 10, 9)
+    rng = np.random.default_rng(3)
+    for _ in range(12):
+        k = int(rng.integers(3))
+        q = [int(rng.integers(n)) for n in forward.shape[1:]]
+        site = [stride * v for v in q]
+        ref_f = np_patch_lc2(np_patch(a_np, landmarks[k], r), np_patch(b_np, site, r), np_patch(g_np, site, r))
+        ref_b = np_patch_lc2(np_patch(a_np, site, r), np_patch(b_np, landmarks[k], r), np_patch(g_np, landmarks[k], r))
+        assert abs(float(forward[k, q[0], q[1], q[2]]) - ref_f) < 1e-4
+        assert abs(float(backward[k, q[0], q[1], q[2]]) - ref_b) < 1e-4
+    matrix = patch_lc2_matrix(a_patches, b_patches, g_patches)
+    for i in range(3):
+        for j in range(3):
+            ref = np_patch_lc2(np_patch(a_np, landmarks[i], r), np_patch(b_np, landmarks[j], r),
+                               np_patch(g_np, landmarks[j], r))
+            assert abs(float(matrix[i, j]) - ref) < 1e-4
 
 
 def test_disa_target_is_the_mean_over_radii_3_5_7(t1t2):

@@ -333,6 +333,14 @@ def approximation_pairs(a: Volume, phi_a: torch.Tensor, b: Volume, phi_b: torch.
     return torch.cat(preds).numpy(), torch.cat(targets).numpy(), reverse.double().cpu().numpy(), everywhere, detail
 
 
+def teacher_map(path: str, scan: Volume) -> torch.Tensor:
+    """A training teacher's descriptor map of a scan (``train disa --distil-steps``; ``teacher.pt`` of a run)."""
+    from DeepMultimodalRegLib.training.disa_teacher import LandmarkTeacher
+
+    teacher = LandmarkTeacher.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return teacher.embed_volume(scan.data)
+
+
 def measure_approximation(model, args, device) -> dict:
     log("part 1: preparing the held-out scans (cache: out/bench_cache)")
     scans = load_prepared_scans(args.data_dir, "validation", SPACING_MM, cache_dir=REPO / "out" / "bench_cache")
@@ -342,7 +350,10 @@ def measure_approximation(model, args, device) -> dict:
     desc, extraction = {}, {}
     for name in HELD_OUT:
         start = time.perf_counter()
-        desc[name], _ = compute_descriptors(model, scans[name], device)
+        if args.teacher:  # the distillation teacher's own map: what a network distilled from it aims at
+            desc[name] = teacher_map(args.teacher, scans[name]).to(device)
+        else:
+            desc[name], _ = compute_descriptors(model, scans[name], device)
         sync(device)
         extraction[name] = {"shape": list(scans[name].shape), "descriptor_shape": list(desc[name].shape[1:]),
                             "seconds": round(time.perf_counter() - start, 3),
@@ -685,6 +696,8 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", help="state_dict file (or training checkpoint with key 'model') instead of the "
                                       "shipped network, e.g. out/disa_run1/disa.pt")
+    ap.add_argument("--teacher", help="part 1 only: measure a training teacher (teacher.pt of a `train disa "
+                    "--distil-steps` run) instead of a network")
     ap.add_argument("--random-init", action="store_true", help="measure a randomly initialised DISANet (dry runs)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (parts 1, 3, 4; part 2 times the CPU and "
                                                      "CUDA when usable)")

@@ -152,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--synthetic-probability", type=float,
                    help="disa: share of steps that train on two label-driven synthetic contrasts of one labelled "
                         "scan at the same place (default 0: real scan pairs only)")
+    t.add_argument("--distil-steps", type=int,
+                   help="disa: first regress the descriptors onto a teacher embedding (symmetric LC² against "
+                        "landmark patches, mapped to 16 dimensions) for this many steps, then the paper's pairwise "
+                        "loss (default 0)")
+    t.add_argument("--teacher-landmarks", type=int, help="disa: landmark patches of that teacher (default 384)")
     # --- msode (issue 8)
     t.add_argument("--kind", choices=("rigid", "bspline", "dense"), default="rigid",
                    help="msode: the parameterisation to train (default rigid)")

@@ -286,32 +286,95 @@ def lc2_of_patches_everywhere(a: torch.Tensor, centres_a, b: torch.Tensor, radiu
     voxel of ``b`` whose indices are multiples of ``stride``: ``[K, D', H', W']``.
 
     The LC² similarity map of the paper's Fig. 1, and the DISA sampler's "all candidate patches".
-    Cross moments come from a 3D convolution of ``b`` (and its gradient magnitude) with the centred
-    anchor patches as kernels; the other moments from box filters; then the same closed-form fit
-    as :func:`patch_lc2`.  ``pad=False`` skips the replicate padding: output q then sits on voxel
-    ``radius + stride·q`` of ``b`` (for callers that pass a region holding every patch).
-    Equal to :func:`lc2_at_points` pair by pair.
+    ``pad=False`` skips the replicate padding: output q then sits on voxel ``radius + stride·q`` of
+    ``b`` (for callers that pass a region holding every patch).  Equal to :func:`lc2_at_points`
+    pair by pair; see :func:`lc2_patches_against_volume` for how it is computed.
     """
     a, b = _tensor(a, "first image"), _tensor(b, "second image")
     radius = check_radius(radius)
-    ridge = _check_ridge(ridge)
     ca = check_centres(centres_a, a.shape, "centres_a").to(a.device)
+    lc2 = lc2_patches_against_volume(extract_patches(a.double(), ca, radius), b, radius, stride, pad, ridge)
+    return lc2.to(_out_dtype(a, b))
+
+
+def _standardised_with_gradient(b: torch.Tensor, radius: int, pad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``b`` z-scored in float64 (LC² is invariant to it; it keeps the moments well scaled) and its
+    gradient magnitude, both [1, 1, D, H, W], replicate-padded by ``radius`` when ``pad``."""
     b64 = b.double()
-    b64 = (b64 - b64.mean()) / b64.std().clamp_min(1e-12)  # LC² is invariant; keeps moments well scaled
+    b64 = (b64 - b64.mean()) / b64.std().clamp_min(1e-12)
     g64 = gradient_magnitude(b64)
+    b64, g64 = b64[None, None], g64[None, None]
     if pad:
-        b64 = F.pad(b64[None, None], (radius,) * 6, mode="replicate")[0, 0]
-        g64 = F.pad(g64[None, None], (radius,) * 6, mode="replicate")[0, 0]
-    patches = extract_patches(a.double(), ca, radius)  # [K, n]
+        b64 = F.pad(b64, (radius,) * 6, mode="replicate")
+        g64 = F.pad(g64, (radius,) * 6, mode="replicate")
+    return b64, g64
+
+
+def _patch_kernels(patches: torch.Tensor, radius: int) -> torch.Tensor:
+    """Flattened patches [K, n] as centred 3D convolution kernels [K, 1, s, s, s].  A centred kernel
+    gives cov(x, patch) directly (E[x·p0] = E[(x − x̄)·p0]), with no E[xy] − E[x]E[y] cancellation."""
+    side = 2 * radius + 1
+    return (patches - patches.mean(1, keepdim=True)).reshape(-1, 1, side, side, side)
+
+
+def lc2_patches_against_volume(a_patches: torch.Tensor, b: torch.Tensor, radius: int, stride: int = 1,
+                               pad: bool = True, ridge: float = LC2_RIDGE) -> torch.Tensor:
+    """LC² of K given patches (``a_patches`` [K, (2r+1)³], fitted) against the patch of ``b`` at every
+    ``stride``-th voxel of ``b`` (the regressor: its intensity and gradient magnitude): ``[K, D', H', W']``,
+    float64.
+
+    Cross moments come from a 3D convolution of ``b`` (and its gradient magnitude) with the centred
+    patches as kernels; the other moments from box filters; then the closed-form fit of
+    :func:`patch_lc2`.  ``pad`` as in :func:`lc2_of_patches_everywhere`.
+    """
+    radius = check_radius(radius)
+    ridge = _check_ridge(ridge)
+    bb, gg = _standardised_with_gradient(_tensor(b, "second image"), radius, pad)
+    patches = a_patches.double().to(bb.device)
     n = patches.shape[1]
     a0 = patches - patches.mean(1, keepdim=True)
     shape = (-1, 1, 1, 1)
     vaa, saa = (a0 * a0).mean(1).reshape(shape), (patches * patches).mean(1).reshape(shape)
-    bb, gg = b64[None, None], g64[None, None]
-    kernel = a0.reshape(-1, 1, 2 * radius + 1, 2 * radius + 1, 2 * radius + 1)
-    cov_ab = F.conv3d(bb, kernel, stride=stride)[0] / n  # E[a0·b] = cov(a, b)
+    kernel = _patch_kernels(patches, radius)
+    cov_ab = F.conv3d(bb, kernel, stride=stride)[0] / n
     cov_ag = F.conv3d(gg, kernel, stride=stride)[0] / n
     eb, eg, ebb, egg, ebg = box_mean_valid(torch.cat([bb, gg, bb * bb, gg * gg, bb * gg], 1), radius, stride)[0]
-    lc2 = lc2_from_moments(vaa, saa, (ebb - eb * eb).clamp_min(0), ebb, (egg - eg * eg).clamp_min(0), egg,
-                           ebg - eb * eg, cov_ab, cov_ag, ridge)
-    return lc2.to(_out_dtype(a, b))
+    return lc2_from_moments(vaa, saa, (ebb - eb * eb).clamp_min(0), ebb, (egg - eg * eg).clamp_min(0), egg,
+                            ebg - eb * eg, cov_ab, cov_ag, ridge)
+
+
+def lc2_volume_against_patches(a: torch.Tensor, b_patches: torch.Tensor, g_patches: torch.Tensor, radius: int,
+                               stride: int = 1, pad: bool = True, ridge: float = LC2_RIDGE) -> torch.Tensor:
+    """The other direction of :func:`lc2_patches_against_volume`: LC² of the patch of ``a`` at every
+    ``stride``-th voxel (fitted) against K given regressor patches (intensity ``b_patches`` and gradient
+    magnitude ``g_patches``, [K, (2r+1)³], cut from an image whose gradient was computed whole):
+    ``[K, D', H', W']``, float64."""
+    radius = check_radius(radius)
+    ridge = _check_ridge(ridge)
+    aa, _ = _standardised_with_gradient(_tensor(a, "first image"), radius, pad)
+    pb, pg = b_patches.double().to(aa.device), g_patches.double().to(aa.device)
+    n = pb.shape[1]
+    shape = (-1, 1, 1, 1)
+    b0, g0 = pb - pb.mean(1, keepdim=True), pg - pg.mean(1, keepdim=True)
+    vbb, sbb = (b0 * b0).mean(1).reshape(shape), (pb * pb).mean(1).reshape(shape)
+    vgg, sgg = (g0 * g0).mean(1).reshape(shape), (pg * pg).mean(1).reshape(shape)
+    vbg = (b0 * g0).mean(1).reshape(shape)
+    cov_ab = F.conv3d(aa, _patch_kernels(pb, radius), stride=stride)[0] / n
+    cov_ag = F.conv3d(aa, _patch_kernels(pg, radius), stride=stride)[0] / n
+    ea, eaa = box_mean_valid(torch.cat([aa, aa * aa], 1), radius, stride)[0]
+    return lc2_from_moments((eaa - ea * ea).clamp_min(0), eaa, vbb, sbb, vgg, sgg, vbg, cov_ab, cov_ag, ridge)
+
+
+def patch_lc2_matrix(a_patches: torch.Tensor, b_patches: torch.Tensor, g_patches: torch.Tensor,
+                     ridge: float = LC2_RIDGE) -> torch.Tensor:
+    """LC² of every fitted patch (``a_patches`` [Ka, n]) against every regressor patch (intensity
+    ``b_patches`` and gradient magnitude ``g_patches``, [Kb, n]): ``[Ka, Kb]``, float64.  The cross
+    moments of all pairs are two matrix products; equal to :func:`patch_lc2` pair by pair."""
+    ridge = _check_ridge(ridge)
+    a, b, g = a_patches.double(), b_patches.double(), g_patches.double()
+    n = a.shape[1]
+    a0, b0, g0 = (x - x.mean(1, keepdim=True) for x in (a, b, g))
+    col = lambda x, y: (x * y).mean(1)[:, None]  # noqa: E731  per fitted patch
+    row = lambda x, y: (x * y).mean(1)[None, :]  # noqa: E731  per regressor patch
+    return lc2_from_moments(col(a0, a0), col(a, a), row(b0, b0), row(b, b), row(g0, g0), row(g, g), row(b0, g0),
+                            a0 @ b0.T / n, a0 @ g0.T / n, ridge)

@@ -29,8 +29,10 @@ from ..fileio import atomic_output
 from .checkpoint import TrainingState, load_checkpoint, save_checkpoint, time_to_stop
 from ..networks.disa_net import DISANet, count_parameters, sign_symmetric_mean
 from ..progress import CancelToken, ProgressCallback, no_progress
-from .disa_sampler import (STRIDE, Augmentation, CropPair, DenseCropPair, equalised_weights, sample_crop_pair,
-                           sample_dense_crop_pair, sample_synthetic_crop_pair, site_indices, t_sampling_weights)
+from .disa_sampler import (CROP, STRIDE, Augmentation, CropPair, DenseCropPair, crop, equalised_weights,
+                           random_crop_origin, sample_crop_pair, sample_dense_crop_pair, sample_synthetic_crop_pair,
+                           site_indices, t_sampling_weights)
+from .disa_teacher import LandmarkTeacher, build_teacher, distillation_loss, teacher_targets_for_crop
 from .scans import SCANS, load_prepared_labels, load_prepared_scans, spec_by_name
 
 
@@ -67,6 +69,12 @@ class DisaTrainingConfig:
     #: training scan (MNI152, voxelmorph T1, LIDC CT) at the same place (shifted by up to
     #: ``aligned_jitter``), instead of a pair of real scans; 0 = real scans only (the first shipped run)
     synthetic_probability: float = 0.0
+    #: the first ``distil_steps`` steps regress the descriptors of single crops onto a teacher
+    #: embedding (:mod:`.disa_teacher`: landmark LC² features mapped to 16 dimensions) instead of the
+    #: pairwise loss; 0 = the paper's pairwise loss throughout
+    distil_steps: int = 0
+    #: landmark patches of that teacher
+    teacher_landmarks: int = 384
     validation_crop_pairs: int = 16
     validation_every: int = 250
     checkpoint_every: int = 100
@@ -209,6 +217,59 @@ def learning_rate(step: int, config: DisaTrainingConfig) -> float:
     return config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+#: descriptor sites of a crop that the distillation loss uses: ≥ 8 voxels from the faces, so every
+#: teacher patch (radius ≤ 7) lies inside the crop the network sees
+DISTIL_FIRST_SITE = 2
+
+
+def prepare_teacher(out: Path, scans: dict, config: DisaTrainingConfig, device: torch.device) -> dict:
+    """The teacher's descriptor map of every training scan, {name: [16, d, h, w]} on ``device``.  The
+    teacher (``teacher.pt``) and the maps (``teacher_maps/NAME.pt``) are kept in the run folder, so a
+    resumed run uses the same ones.  The teacher is drawn from a generator of its own (seeded with the
+    run's seed), so the run's generator, and with it every crop the run draws, is untouched."""
+    path = out / "teacher.pt"
+    if path.is_file():
+        teacher = LandmarkTeacher.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    else:
+        teacher, report = build_teacher([scans[name].data.cpu() for name in sorted(scans)],
+                                        torch.Generator().manual_seed(config.seed),
+                                        landmarks=config.teacher_landmarks)
+        with atomic_output(path) as tmp:
+            torch.save(teacher.state_dict(), tmp)
+        with atomic_output(out / "teacher.json") as tmp:
+            tmp.write_text(json.dumps(report, indent=2))
+    maps = {}
+    for name in sorted(scans):
+        cached = out / "teacher_maps" / f"{name}.pt"
+        if not cached.is_file():
+            cached.parent.mkdir(exist_ok=True)
+            with atomic_output(cached) as tmp:
+                torch.save(teacher.embed_volume(scans[name].data.cpu()), tmp)
+        maps[name] = torch.load(cached, map_location="cpu", weights_only=True).to(device)
+    return maps
+
+
+def distillation_batch_loss(model: DISANet, scans: dict, maps: dict, config: DisaTrainingConfig,
+                            generator: torch.Generator) -> torch.Tensor:
+    """One distillation step's loss: ``2 × crop_pairs_per_step`` crops of random training scans (corners
+    on the descriptor grid, a random sign and affine intensity change each, which leave LC² and so the
+    teacher unchanged; no rotation: the teacher's landmarks do not turn with the crop), each
+    descriptor regressed onto the teacher's at the crop's inner sites."""
+    names = sorted(scans)
+    crops, targets = [], []
+    for _ in range(2 * config.crop_pairs_per_step):
+        name = names[int(torch.randint(len(names), (1,), generator=generator))]
+        data = scans[name].data
+        corner = [c - c % STRIDE for c in random_crop_origin(data.shape, generator, data)]
+        scale, shift = Augmentation.random(generator).intensity[0]
+        crops.append(scale * crop(data, corner) + shift)
+        targets.append(teacher_targets_for_crop(maps[name], corner, CROP))
+    batch = torch.stack(crops)[:, None].float()
+    descriptors = sign_symmetric_mean(model, batch) if config.sign_symmetric else model(batch)
+    inner = slice(DISTIL_FIRST_SITE, descriptors.shape[-1] - DISTIL_FIRST_SITE)
+    return distillation_loss(descriptors[:, :, inner, inner, inner], torch.stack(targets)[:, :, inner, inner, inner])
+
+
 def train_disa(out_dir: str | Path, config: DisaTrainingConfig | None = None, data_dir=None,
                progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> dict:
     """Train (or resume) in ``out_dir``; returns the summary written to ``out_dir/summary.json``."""
@@ -232,6 +293,7 @@ def train_disa(out_dir: str | Path, config: DisaTrainingConfig | None = None, da
         raise InvalidParameterError("synthetic_probability > 0 needs labelled training scans; none has a label map")
     validation = validation_set(config, data_dir, cache, device)
     pairs = pair_pool(sorted(train_scans))
+    teacher_maps = prepare_teacher(out, train_scans, config, device) if config.distil_steps > 0 else {}
 
     model = DISANet()
     if config.init_weights:
@@ -258,7 +320,11 @@ def train_disa(out_dir: str | Path, config: DisaTrainingConfig | None = None, da
             group["lr"] = learning_rate(state.step, config)
         optimiser.zero_grad(set_to_none=True)
         losses = []
-        for _ in range(config.crop_pairs_per_step):
+        if state.step < config.distil_steps:
+            loss = distillation_batch_loss(model, train_scans, teacher_maps, config, generator)
+            loss.backward()
+            losses.append(float(loss.detach()))
+        for _ in range(0 if state.step < config.distil_steps else config.crop_pairs_per_step):
             pair = draw_training_pair(train_scans, train_labels, pairs, config, generator)
             loss = dense_loss(model, pair, Augmentation.random(generator), config.loss_weighting,
                               config.sign_symmetric)
@@ -268,7 +334,9 @@ def train_disa(out_dir: str | Path, config: DisaTrainingConfig | None = None, da
         optimiser.step()
         state.step += 1
         value = sum(losses) / len(losses)
-        running = value if running is None else 0.98 * running + 0.02 * value
+        # the distillation and pairwise losses measure different things: the running mean restarts at the switch
+        fresh = running is None or state.step == config.distil_steps
+        running = value if fresh else 0.98 * running + 0.02 * value
         state.seconds = seconds_before + time.perf_counter() - started
         if state.step % 10 == 0:
             state.history.append((state.step, running))
@@ -292,6 +360,8 @@ def train_disa(out_dir: str | Path, config: DisaTrainingConfig | None = None, da
                "train_scans": sorted(train_scans), "validation_scans": [s.name for s in SCANS if s.split == "validation"],
                "final_validation": state.validation[-1], "validation": state.validation,
                "train_mse_running": running, "threads": torch.get_num_threads(), "device": str(device)}
+    if (out / "teacher.json").is_file():
+        summary["teacher"] = json.loads((out / "teacher.json").read_text())
     with atomic_output(out / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     return summary

@@ -44,6 +44,26 @@ _LOSS_WEIGHTING_TEXT = {
 }
 
 
+def _distillation_lines(summary: dict) -> list[str]:
+    """The card's lines on the teacher stage of a run (``train disa --distil-steps``), if it had one."""
+    c = summary["config"]
+    steps = c.get("distil_steps", 0)
+    if not steps:
+        return []
+    teacher = summary.get("teacher") or {}
+    return [
+        f"- Steps 1–{steps}: distillation. Each step regresses the descriptors of two 65³ crops (corners on",
+        "  the descriptor grid; a random sign and affine intensity change each, no rotation) onto a teacher",
+        "  embedding at every site ≥ 8 voxels from the faces (`training/disa_teacher.py`): the symmetric",
+        f"  DISA target of the patch against {c.get('teacher_landmarks')} landmark patches of the training scans, mapped",
+        "  linearly to 16 dimensions (Nyström start, refined on t-sampling-weighted LC² pairs), norm ≤ 1"
+        + (f"; refinement loss {teacher['weighted_loss_nystrom']:.4f} → {teacher['weighted_loss_refined']:.4f}."
+           if "weighted_loss_refined" in teacher else "."),
+        f"  The paper's pairwise loss (below) follows from step {steps + 1}." if summary["steps"] > steps
+        else "  The run ended inside this stage: the pairwise loss below was not used.",
+    ]
+
+
 def disa_model_card(summary: dict, benchmark: dict | None = None) -> str:
     """The DISA model card from a training run's summary.json (and the descriptor benchmark)."""
     c = summary["config"]
@@ -80,6 +100,7 @@ def disa_model_card(summary: dict, benchmark: dict | None = None) -> str:
         "  independent random sign and affine intensity change per crop (LC² targets unchanged).",
         *(["- Trained on sign-symmetric descriptors ½(φ(x) + φ(−x)), as registration computes them."]
           if c.get("sign_symmetric") else []),
+        *_distillation_lines(summary),
         "",
         "## Training",
         f"- AdamW, learning rate {c['learning_rate']}, weight decay {c['weight_decay']}, {c['warmup_steps']} warm-up steps,",
