@@ -11,8 +11,8 @@ from DeepMultimodalRegLib.metrics.lc2 import DISA_RADII
 from DeepMultimodalRegLib.metrics.local_stats import extract_patches, gradient_magnitude
 from DeepMultimodalRegLib.networks.disa_net import DISANet, clip_descriptor_norm
 from DeepMultimodalRegLib.training.disa_teacher import (LandmarkTeacher, PatchSet, build_teacher,
-                                                       directional_targets, sample_patches, symmetric_targets,
-                                                       teacher_targets_for_crop)
+                                                       directional_targets, rotated_crop_with_targets, sample_patches,
+                                                       symmetric_targets, teacher_targets_for_crop)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,25 @@ def test_crop_targets_are_the_descriptor_grid_slice(small_teacher):
     assert torch.equal(got, embedding[:, 2:19, 0:17, 5:22])
     with pytest.raises(ValueError, match="multiples of 4"):
         teacher_targets_for_crop(embedding, (6, 0, 0), 65)
+
+
+def test_rotated_crops_follow_the_anatomy():
+    """Identity: the plain crop and map slice.  A quarter turn about the k axis lands on voxel centres,
+    so crop and targets are exact permutations/flips of the upright ones, and each target is the
+    teacher's value at the scan point the crop voxel shows."""
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(80, 84, 88, generator=g)
+    embedding = torch.randn(16, 20, 21, 22, generator=g)
+    corner, side = (8, 4, 12), 33
+    image, targets = rotated_crop_with_targets(data, embedding, corner, side, torch.eye(3))
+    assert torch.allclose(image, data[8:41, 4:37, 12:45], atol=1e-5)
+    assert torch.allclose(targets, teacher_targets_for_crop(embedding, corner, side), atol=1e-5)
+    quarter = torch.tensor([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]])  # (k, j, i) → (k, −i, j) about the centre
+    image, targets = rotated_crop_with_targets(data, embedding, corner, side, quarter)
+    upright = data[8:41, 4:37, 12:45]
+    # crop voxel (k, j, i) shows the scan at centre + R·(offset): j' = −i offset, i' = +j offset
+    assert torch.allclose(image, upright.flip(1).transpose(1, 2), atol=1e-4)  # image[k, j, i] = upright[k, 32 − i, j]
+    assert torch.allclose(targets, teacher_targets_for_crop(embedding, corner, side).flip(2).transpose(2, 3), atol=1e-4)
 
 
 def test_distillation_steps_lower_their_loss(prepared_pair, small_teacher, tmp_path, monkeypatch):

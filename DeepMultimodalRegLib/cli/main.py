@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "landmark patches, mapped to 16 dimensions) for this many steps, then the paper's pairwise "
                         "loss (default 0)")
     t.add_argument("--teacher-landmarks", type=int, help="disa: landmark patches of that teacher (default 384)")
+    t.add_argument("--distil-rotation-deg", type=float,
+                   help="disa: half of the distillation crops turn by U(±this)° per axis, their targets following "
+                        "the anatomy (default 45; 0 = upright only)")
     # --- msode (issue 8)
     t.add_argument("--kind", choices=("rigid", "bspline", "dense"), default="rigid",
                    help="msode: the parameterisation to train (default rigid)")

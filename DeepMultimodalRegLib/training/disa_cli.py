@@ -12,7 +12,8 @@ from .disa_train import DisaTrainingConfig, train_disa
 #: command-line options copied into the recipe's config when given (same names there)
 _OPTIONAL = ("init_weights", "aligned_jitter", "aligned_probability", "learning_rate", "warmup_steps",
              "crop_pairs_per_step", "loss_weighting", "sign_symmetric", "output_init_scale",
-             "synthetic_probability", "distil_steps", "teacher_landmarks")
+             "synthetic_probability", "distil_steps", "teacher_landmarks",
+             "distil_rotation_deg")
 
 
 def config_from_args(args) -> DisaTrainingConfig:

@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..metrics.lc2 import (DISA_RADII, lc2_patches_against_volume, lc2_volume_against_patches,
                            patch_lc2_matrix)
@@ -190,6 +191,46 @@ def teacher_targets_for_crop(embedding: torch.Tensor, corner, crop: int) -> torc
     k, j, i = (int(c) // OUTPUT_STRIDE for c in corner)
     side = -(-crop // OUTPUT_STRIDE)
     return embedding[:, k:k + side, j:j + side, i:i + side]
+
+
+def _sample_at(volume: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples of ``volume`` [C, D, H, W] at voxel positions [..., 3] (k, j, i), edge values
+    beyond the faces: [C, ...]."""
+    sizes = torch.tensor(volume.shape[1:], dtype=positions.dtype, device=positions.device)
+    normalised = (2 * positions / (sizes - 1) - 1).flip(-1)  # grid_sample wants (x, y, z) = (i, j, k)
+    grid = normalised.reshape(1, 1, 1, -1, 3).to(volume.dtype)
+    out = F.grid_sample(volume[None], grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return out.reshape(volume.shape[0], *positions.shape[:-1])
+
+
+def rotated_crop_with_targets(data: torch.Tensor, embedding: torch.Tensor, corner, crop: int,
+                              rotation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A crop of side ``crop`` at ``corner`` (multiples of 4) of ``data`` turned by ``rotation`` (3×3, in
+    voxel axes k, j, i) about its centre, and the teacher targets [16, s, s, s] at its descriptor sites.
+
+    Crop voxel u shows the scan at ``c + R(u − c)`` (c: the crop centre), and its descriptor is asked
+    to equal the teacher's at that same point of the scan, interpolated on the teacher's stride-4 map:
+    descriptors that follow the anatomy whatever its orientation.  Why: the registration objective
+    compares the fixed descriptor at x with the moving one at T(x) without turning the descriptor,
+    so a moving image rotated by 35° must describe a point as the upright image does (weights trained
+    on upright crops only moved their optimum 5–7 mm off the truth at 35°, docs/benchmarks.md)."""
+    if any(int(c) % OUTPUT_STRIDE for c in corner):
+        raise ValueError(f"teacher crops start on the descriptor grid (multiples of {OUTPUT_STRIDE}), got {corner}")
+    rotation = rotation.to(torch.float64)
+    origin = torch.tensor([float(c) for c in corner], dtype=torch.float64)
+    centre = origin + (crop - 1) / 2
+
+    def scan_positions(offsets: torch.Tensor) -> torch.Tensor:  # crop offsets [..., 3] → scan voxel positions
+        return centre + (origin + offsets - centre) @ rotation.T
+
+    axis = torch.arange(crop, dtype=torch.float64)
+    voxels = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1)
+    side = -(-crop // OUTPUT_STRIDE)
+    site_axis = OUTPUT_STRIDE * torch.arange(side, dtype=torch.float64)
+    sites = torch.stack(torch.meshgrid(site_axis, site_axis, site_axis, indexing="ij"), -1)
+    image = _sample_at(data[None].double(), scan_positions(voxels))[0].to(data.dtype)
+    targets = _sample_at(embedding.double(), scan_positions(sites) / OUTPUT_STRIDE).to(embedding.dtype)
+    return image, targets
 
 
 def distillation_loss(descriptors: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

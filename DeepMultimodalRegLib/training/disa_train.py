@@ -29,10 +29,12 @@ from ..fileio import atomic_output
 from .checkpoint import TrainingState, load_checkpoint, save_checkpoint, time_to_stop
 from ..networks.disa_net import DISANet, count_parameters, sign_symmetric_mean
 from ..progress import CancelToken, ProgressCallback, no_progress
+from ..transforms.linear import euler_zxy_matrix
 from .disa_sampler import (CROP, STRIDE, Augmentation, CropPair, DenseCropPair, crop, equalised_weights,
                            random_crop_origin, sample_crop_pair, sample_dense_crop_pair, sample_synthetic_crop_pair,
                            site_indices, t_sampling_weights)
-from .disa_teacher import LandmarkTeacher, build_teacher, distillation_loss, teacher_targets_for_crop
+from .disa_teacher import (LandmarkTeacher, build_teacher, distillation_loss, rotated_crop_with_targets,
+                           teacher_targets_for_crop)
 from .scans import SCANS, load_prepared_labels, load_prepared_scans, spec_by_name
 
 
@@ -75,6 +77,9 @@ class DisaTrainingConfig:
     distil_steps: int = 0
     #: landmark patches of that teacher
     teacher_landmarks: int = 384
+    #: half of the distillation crops are turned by U(±this) degrees about each axis, their targets
+    #: following the anatomy (:func:`.disa_teacher.rotated_crop_with_targets`); 0 = upright crops only
+    distil_rotation_deg: float = 45.0
     validation_crop_pairs: int = 16
     validation_every: int = 250
     checkpoint_every: int = 100
@@ -253,8 +258,9 @@ def distillation_batch_loss(model: DISANet, scans: dict, maps: dict, config: Dis
                             generator: torch.Generator) -> torch.Tensor:
     """One distillation step's loss: ``2 × crop_pairs_per_step`` crops of random training scans (corners
     on the descriptor grid, a random sign and affine intensity change each, which leave LC² and so the
-    teacher unchanged; no rotation: the teacher's landmarks do not turn with the crop), each
-    descriptor regressed onto the teacher's at the crop's inner sites."""
+    teacher unchanged; half of them turned by up to ``distil_rotation_deg`` about each axis, their
+    targets following the anatomy), each descriptor regressed onto the teacher's at the crop's inner
+    sites."""
     names = sorted(scans)
     crops, targets = [], []
     for _ in range(2 * config.crop_pairs_per_step):
@@ -262,8 +268,13 @@ def distillation_batch_loss(model: DISANet, scans: dict, maps: dict, config: Dis
         data = scans[name].data
         corner = [c - c % STRIDE for c in random_crop_origin(data.shape, generator, data)]
         scale, shift = Augmentation.random(generator).intensity[0]
-        crops.append(scale * crop(data, corner) + shift)
-        targets.append(teacher_targets_for_crop(maps[name], corner, CROP))
+        if config.distil_rotation_deg > 0 and bool(torch.rand(1, generator=generator) < 0.5):
+            angles = (2 * torch.rand(1, 3, generator=generator, dtype=torch.float64) - 1) * math.radians(config.distil_rotation_deg)
+            image, target = rotated_crop_with_targets(data, maps[name], corner, CROP, euler_zxy_matrix(angles)[0])
+        else:
+            image, target = crop(data, corner), teacher_targets_for_crop(maps[name], corner, CROP)
+        crops.append(scale * image + shift)
+        targets.append(target)
     batch = torch.stack(crops)[:, None].float()
     descriptors = sign_symmetric_mean(model, batch) if config.sign_symmetric else model(batch)
     inner = slice(DISTIL_FIRST_SITE, descriptors.shape[-1] - DISTIL_FIRST_SITE)
