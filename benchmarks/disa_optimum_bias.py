@@ -16,7 +16,8 @@ from the fixed image only) keeps its sign when the roles swap, while a displacem
 contrast's descriptors against the other's flips it.  Methods: ``disa-rigid`` and
 ``mind-rigid`` (the same engine, MIND-SSC features), local search, ``initial`` = the truth;
 ``disa-rigid-raw`` is ``disa-rigid`` on the raw network output instead of the sign-symmetric
-descriptors the engine uses by default (``disa_sign_symmetric=False``).
+descriptors the engine uses by default (``disa_sign_symmetric=False``); ``METHOD+R`` runs METHOD with
+``refine=R`` (e.g. ``disa-rigid+disa``: the polish on the moving image resampled at the found pose).
 """
 
 from __future__ import annotations
@@ -83,9 +84,11 @@ def main(argv=None) -> dict:
                 extra = {"initial": truth}
                 if model is not None and method.startswith("disa"):
                     extra["model"] = model
-                library_method = method.removesuffix("-raw")
-                if library_method != method:
+                library_method, _, refine = method.removesuffix("-raw").partition("+")
+                if method.endswith("-raw"):
                     extra["disa_sign_symmetric"] = False
+                if refine:  # e.g. disa-rigid+disa: the library's refine option
+                    extra["refine"] = refine
                 start = time.perf_counter()
                 result = get_method(library_method).runner(fixed, moving, RegistrationOptions(search="local", device="cpu",
                                                                                       seed=0, extra=extra))

@@ -15,7 +15,8 @@ Options in ``RegistrationOptions.extra``: ``starts``, ``range_deg``, ``range_mm`
 ``fixed_modality``/``moving_modality`` ("CT" | "MR", guessed otherwise), ``disa_sign_symmetric``
 (default True: DISA descriptors averaged over each image and its negative; False: the raw network),
 ``refine`` (disa-* only; "mind": after the DISA rigid search, a local rigid search on MIND-SSC
-features from its pose, and MIND-SSC for the later stages too).
+features from its pose, and MIND-SSC for the later stages too; "disa": a local rigid search on
+DISA descriptors of the moving image resampled at the found pose, see :func:`_resampled_polish`).
 
 Why ``refine="mind"``: the shipped DISA descriptors find the right basin from far away (global
 search) but their optimum lies up to ~2–3 mm from the true pose on some contrast pairs (Kirby21
@@ -41,7 +42,7 @@ from ..methods.registry import RegistrationOptions
 from ..progress import ProgressScope
 from ..result import RegistrationResult, RegistrationStep
 from ..transforms.composite import CompositeTransform
-from ..transforms.linear import LinearTransform, RigidTransform
+from ..transforms.linear import AffineTransform, LinearTransform, RigidTransform
 from ..transforms.resample import warp_volume
 from .features import FeaturePair, feature_pair
 from .objective import FeatureObjective
@@ -52,7 +53,8 @@ _EXTRA_KEYS = {"starts", "range_deg", "range_mm", "initial", "deformable", "cont
                "fixed_modality", "moving_modality", "coarse_points", "fine_points", "coarse_iterations",
                "fine_iterations", "keep", "memory_budget_bytes", "dense", "disa_sign_symmetric", "refine"}
 #: what ``extra["refine"]`` may name: the features of a local rigid polish after the DISA search
-REFINEMENTS = ("mind",)
+#: ("disa": DISA again, on the moving image resampled at the found pose, see :func:`_resampled_polish`)
+REFINEMENTS = ("mind", "disa")
 
 
 def _boxes_overlap(a: Volume, b: Volume) -> bool:
@@ -158,7 +160,18 @@ def _register(kind: str, mode: str, fixed: Volume, moving: Volume, options: Regi
     evaluations = outcome.evaluations
     local = SearchSettings(**{**vars(settings), "search": "local"})
     refined = {}
-    if refine:
+    if refine == "disa":
+        t1 = time.perf_counter()
+        scope(search_end, "refining on DISA descriptors of the resampled moving image")
+        transform, outcome, seconds, polish_evaluations = _resampled_polish(
+            transform, rigid_p, fixed, moving, options, local, device, scope.sub(search_end, rigid_end))
+        evaluations += polish_evaluations
+        refined = {"refine": refine, "disa_similarity_after_refinement": outcome.similarity}
+        history.append(RegistrationStep("rigid refinement (DISA, moving resampled at the found pose, local)",
+                                        time.perf_counter() - t1, outcome.iterations,
+                                        {"evaluations": polish_evaluations, "similarity": outcome.similarity,
+                                         "features_seconds": round(seconds, 3)}))
+    elif refine:
         t1 = time.perf_counter()
         scope(search_end, f"refining with {refine} features")
         pair = feature_pair(refine, fixed, moving, device, fixed_mask=options.fixed_mask,
@@ -209,6 +222,59 @@ def _register(kind: str, mode: str, fixed: Volume, moving: Volume, options: Regi
         figures.update(starts=settings.starts, range_deg=settings.range_deg, range_mm=settings.range_mm)
     return RegistrationResult(method, transform, warped, fixed, moving, figures=figures, history=history,
                               device=describe_device(device), seconds=time.perf_counter() - start)
+
+
+#: rounds of :func:`_resampled_polish` at most, and the residual motion (RMS mm over the compared
+#: points' lever arm) below which it stops: a far-off search result needs a second look from nearer
+POLISH_ROUNDS, POLISH_TOLERANCE_MM = 3, 0.5
+
+
+def _resampled_polish(pose: RigidTransform, rigid_p: RigidParametrization, fixed: Volume, moving: Volume,
+                      options: RegistrationOptions, local: SearchSettings, device: torch.device,
+                      scope: ProgressScope):
+    """Polish ``pose`` on DISA descriptors of the moving image resampled onto the fixed grid at ``pose``.
+
+    Why: the objective compares the fixed descriptor at x with the moving one at T(x), and a
+    descriptor is not turned with the image.  Descriptors that follow LC² closely describe a patch
+    and its rotated copy differently, so when the moving image is turned by tens of degrees the
+    objective's optimum drifts (5–7 mm at 35° for the distilled weights, docs/benchmarks.md).  After
+    the search the remaining rotation is small; describing the moving image in the fixed frame at the
+    found pose (one more forward pass) and searching the small residual motion r removes the drift.
+    The pose becomes pose ∘ r, a single rigid transform; this repeats (at most POLISH_ROUNDS times)
+    while r moves the points by more than POLISH_TOLERANCE_MM.  Returns the pose, the last search
+    outcome, the feature seconds and the evaluations of all rounds.
+    """
+    extra = options.extra
+    identity = RigidTransform.identity(center=rigid_p.center.reshape(-1, 3)[0].tolist())
+    seconds, evaluations = 0.0, 0
+    for round_index in range(POLISH_ROUNDS):
+        # outside the moving field of view: its lowest value (air for CT and MR), not 0 (soft tissue in CT)
+        resampled = warp_volume(moving.float(), pose, fixed.geometry, default_value=float(moving.data.min()))
+        mask = (warp_volume(options.moving_mask.float(), pose, fixed.geometry, interpolation="nearest")
+                if options.moving_mask is not None else None)
+        again = feature_pair("disa", fixed, resampled, device, model=extra.get("model"),
+                             sign_symmetric=bool(extra.get("disa_sign_symmetric", True)),
+                             fixed_mask=options.fixed_mask, moving_mask=mask,
+                             fixed_modality=extra.get("fixed_modality"), moving_modality=extra.get("moving_modality"))
+        outcome = search_pose(again, rigid_p, rigid_p.initial(identity), local, options.seed,
+                              scope.sub(round_index / POLISH_ROUNDS, (round_index + 1) / POLISH_ROUNDS), options.cancel)
+        seconds += again.seconds
+        evaluations += outcome.evaluations
+        residual = rigid_p.transform(outcome.x).to(device="cpu", dtype=torch.float64)
+        h = pose.to(device="cpu", dtype=torch.float64).homogeneous() @ residual.homogeneous()
+        pose = rigid_p.transform(rigid_p.initial(AffineTransform.from_matrix(h[:, :3, :3], h[:, :3, 3], (0.0, 0.0, 0.0))))
+        if _residual_motion_mm(residual, rigid_p) < POLISH_TOLERANCE_MM:
+            break
+    return pose, outcome, seconds, evaluations
+
+
+def _residual_motion_mm(residual: RigidTransform, rigid_p: RigidParametrization) -> float:
+    """How far a residual motion moves points at the parametrisation's lever arm: |t| + radius·angle."""
+    h = residual.homogeneous()[0]
+    angle = torch.arccos(((torch.trace(h[:3, :3]) - 1) / 2).clamp(-1, 1))
+    centre = rigid_p.center.reshape(-1, 3)[0].to(h)
+    shift = h[:3, :3] @ centre + h[:3, 3] - centre
+    return float(shift.norm() + rigid_p.radius * angle)
 
 
 def _folding(transform, fixed: Volume) -> dict:
