@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--teacher-landmarks", type=int, help="disa: landmark patches of that teacher (default 384)")
     t.add_argument("--distil-rotation-deg", type=float,
                    help="disa: half of the distillation crops turn by U(±this)° per axis, their targets following "
-                        "the anatomy (default 45; 0 = upright only)")
+                        "the anatomy (default 0: upright only; 45 did not help in a short check)")
     # --- msode (issue 8)
     t.add_argument("--kind", choices=("rigid", "bspline", "dense"), default="rigid",
                    help="msode: the parameterisation to train (default rigid)")
