@@ -18,10 +18,10 @@ Options in ``RegistrationOptions.extra``: ``starts``, ``range_deg``, ``range_mm`
 features from its pose, and MIND-SSC for the later stages too; "disa": a local rigid search on
 DISA descriptors of the moving image resampled at the found pose, see :func:`_resampled_polish`).
 
-Why ``refine="mind"``: the shipped DISA descriptors find the right basin from far away (global
-search) but their optimum lies up to ~2–3 mm from the true pose on some contrast pairs (Kirby21
-T2: 2.2 mm; docs/benchmarks.md), while MIND-SSC on this engine sits within ~0.5 mm but is slower
-to search globally.  DISA's search then MIND-SSC's local polish gives both.  The result is no
+Why ``refine="mind"``: the earlier DISA weights (until 2026-11-22) found the right basin from far
+away (global search) but their optimum lay up to ~2–3 mm from the true pose on some contrast
+pairs (Kirby21 T2: 2.2 mm; docs/benchmarks.md), while MIND-SSC on this engine sits within ~0.5 mm
+but is slower to search globally.  DISA's search then MIND-SSC's local polish gives both.  The result is no
 longer DISA alone, and its report says so (``figures["refine"]``).
 """
 
@@ -224,8 +224,9 @@ def _register(kind: str, mode: str, fixed: Volume, moving: Volume, options: Regi
                               device=describe_device(device), seconds=time.perf_counter() - start)
 
 
-#: rounds of :func:`_resampled_polish` at most, and the residual motion (RMS mm over the compared
-#: points' lever arm) below which it stops: a far-off search result needs a second look from nearer
+#: rounds of :func:`_resampled_polish` at most, and the residual motion (mm: translation of the
+#: centre plus the rotation angle times the compared points' lever arm) below which it stops: a
+#: far-off search result needs a second look from nearer
 POLISH_ROUNDS, POLISH_TOLERANCE_MM = 3, 0.5
 
 

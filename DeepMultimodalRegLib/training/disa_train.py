@@ -347,7 +347,7 @@ def train_disa(out_dir: str | Path, config: DisaTrainingConfig | None = None, da
         state.step += 1
         value = sum(losses) / len(losses)
         # the distillation and pairwise losses measure different things: the running mean restarts at the switch
-        fresh = running is None or state.step == config.distil_steps
+        fresh = running is None or state.step == config.distil_steps + 1  # the first pairwise step
         running = value if fresh else 0.98 * running + 0.02 * value
         state.seconds = seconds_before + time.perf_counter() - started
         if state.step % 10 == 0:
