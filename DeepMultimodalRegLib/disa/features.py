@@ -64,6 +64,9 @@ class FeaturePair:
     seconds: float = 0.0
     #: pooling of the coarse search level: about 16 mm blocks (DISA's 8 mm maps ×2, MIND's 2 mm ×8)
     coarse_factor: int = 2
+    #: DISA: the vector subtracted from both maps (:func:`centring_vector`), kept so that a moving map
+    #: computed later (:func:`with_new_moving`) is centred alike and its similarities stay comparable
+    centre: Optional[torch.Tensor] = None
 
     def pooled(self, factor: int = 2) -> "FeaturePair":
         weight = _pool(self.weight[None], factor)[0]
@@ -145,13 +148,56 @@ def disa_features(fixed: Volume, moving: Volume, device: torch.device, model: Op
     start = time.perf_counter()
     model = model if model is not None else load_disa_network("disa", device=device)
     f = prepare_for_disa(fixed, DISA_SPACING_MM, fixed_modality)
-    m = _masked_moving(prepare_for_disa(moving, DISA_SPACING_MM, moving_modality), moving_mask)
     phi_f, grid_f = compute_descriptors(model, f.to(device), device, sign_symmetric=sign_symmetric)
-    phi_m, grid_m = compute_descriptors(model, m.to(device), device, sign_symmetric=sign_symmetric)
     weight = location_weights(f, OUTPUT_STRIDE, fixed_mask, grid_f).to(phi_f.device)
     common = centring_vector(phi_f, weight)
-    return FeaturePair(FeatureMap(phi_f - common, grid_f), FeatureMap(phi_m - common, grid_m), weight, "dot", 1,
-                       "DISA", time.perf_counter() - start)
+    moving_map = _disa_moving_map(model, moving, device, moving_mask, moving_modality, sign_symmetric, common)
+    return FeaturePair(FeatureMap(phi_f - common, grid_f), moving_map, weight, "dot", 1, "DISA",
+                       time.perf_counter() - start, centre=common)
+
+
+def _disa_moving_map(model: torch.nn.Module, moving: Volume, device: torch.device, moving_mask: Optional[Volume],
+                     moving_modality: str | None, sign_symmetric: bool, common: torch.Tensor) -> FeatureMap:
+    m = _masked_moving(prepare_for_disa(moving, DISA_SPACING_MM, moving_modality), moving_mask)
+    phi_m, grid_m = compute_descriptors(model, m.to(device), device, sign_symmetric=sign_symmetric)
+    return FeatureMap(phi_m - common, grid_m)
+
+
+def with_new_moving(pair: FeaturePair, moving: Volume, device: torch.device,
+                    model: Optional[torch.nn.Module] = None, moving_mask: Optional[Volume] = None,
+                    moving_modality: str | None = None, sign_symmetric: bool = True) -> FeaturePair:
+    """``pair`` (DISA) with the moving map computed afresh from ``moving``: one forward pass instead of two.
+
+    The fixed map, the weights and the centring vector are kept, so similarities of several such
+    pairs (the moving image resampled at several candidate poses) are directly comparable.
+    """
+    import time
+
+    if pair.comparison != "dot" or pair.centre is None:
+        raise InvalidParameterError("only a DISA feature pair can take a new moving map")
+    start = time.perf_counter()
+    model = model if model is not None else load_disa_network("disa", device=device)
+    moving_map = _disa_moving_map(model, moving, device, moving_mask, moving_modality, sign_symmetric, pair.centre)
+    return FeaturePair(pair.fixed, moving_map, pair.weight, pair.comparison, pair.point_stride, pair.name,
+                       time.perf_counter() - start, pair.coarse_factor, pair.centre)
+
+
+def with_new_fixed(pair: FeaturePair, fixed: Volume, device: torch.device,
+                   model: Optional[torch.nn.Module] = None, fixed_mask: Optional[Volume] = None,
+                   fixed_modality: str | None = None, sign_symmetric: bool = True) -> FeaturePair:
+    """``pair`` (DISA) with the fixed map and weights computed afresh from ``fixed``; the moving map
+    and the centring vector are kept, so its similarities stay on the scale of ``pair``'s."""
+    import time
+
+    if pair.comparison != "dot" or pair.centre is None:
+        raise InvalidParameterError("only a DISA feature pair can take a new fixed map")
+    start = time.perf_counter()
+    model = model if model is not None else load_disa_network("disa", device=device)
+    f = prepare_for_disa(fixed, DISA_SPACING_MM, fixed_modality)
+    phi_f, grid_f = compute_descriptors(model, f.to(device), device, sign_symmetric=sign_symmetric)
+    weight = location_weights(f, OUTPUT_STRIDE, fixed_mask, grid_f).to(phi_f.device)
+    return FeaturePair(FeatureMap(phi_f - pair.centre, grid_f), pair.moving, weight, pair.comparison,
+                       pair.point_stride, pair.name, time.perf_counter() - start, pair.coarse_factor, pair.centre)
 
 
 def centring_vector(descriptors: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -152,7 +152,14 @@ def _register(kind: str, mode: str, fixed: Volume, moving: Volume, options: Regi
     refine = extra.get("refine")
     rigid_end = 1.0 if mode == "rigid" else 0.6
     search_end = 0.5 * rigid_end if refine else rigid_end
-    outcome = search_pose(pair, rigid_p, x_init, settings, options.seed, scope.sub(0.05, search_end), options.cancel)
+    if kind == "disa" and refine == "disa" and settings.search == "global":
+        from .orientation_bank import bank_search
+
+        outcome = bank_search(pair, rigid_p, x_init, settings, _turned_fixed_pairs(pair, fixed, options, device),
+                              options.seed, scope.sub(0.05, search_end), options.cancel)
+    else:
+        outcome = search_pose(pair, rigid_p, x_init, settings, options.seed, scope.sub(0.05, search_end),
+                              options.cancel)
     history.append(RegistrationStep(f"rigid ({settings.search})", time.perf_counter() - t0, outcome.iterations,
                                     {"evaluations": outcome.evaluations, "similarity": outcome.similarity,
                                      **{k: round(v, 3) for k, v in outcome.stages.items()}}))
@@ -163,14 +170,22 @@ def _register(kind: str, mode: str, fixed: Volume, moving: Volume, options: Regi
     if refine == "disa":
         t1 = time.perf_counter()
         scope(search_end, "refining on DISA descriptors of the resampled moving image")
-        transform, outcome, seconds, polish_evaluations = _resampled_polish(
-            transform, rigid_p, fixed, moving, options, local, device, scope.sub(search_end, rigid_end))
-        evaluations += polish_evaluations
-        refined = {"refine": refine, "disa_similarity_after_refinement": outcome.similarity}
+        poses = [transform]
+        if settings.search == "global" and outcome.candidates is not None:
+            poses = [rigid_p.transform(x[None]) for x in outcome.candidates[:POLISH_CANDIDATES]]
+        polish = _resampled_polish(poses, pair, rigid_p, fixed, moving, options, local, device,
+                                   scope.sub(search_end, rigid_end))
+        transform, outcome = polish["pose"], polish["outcome"]
+        evaluations += polish["evaluations"]
+        refined = {"refine": refine, "disa_similarity_after_refinement": outcome.similarity,
+                   "refine_candidates": len(poses), "refine_chosen_candidate": polish["chosen"]}
         history.append(RegistrationStep("rigid refinement (DISA, moving resampled at the found pose, local)",
                                         time.perf_counter() - t1, outcome.iterations,
-                                        {"evaluations": polish_evaluations, "similarity": outcome.similarity,
-                                         "features_seconds": round(seconds, 3)}))
+                                        {"evaluations": polish["evaluations"], "similarity": outcome.similarity,
+                                         "features_seconds": round(polish["seconds"], 3),
+                                         "candidates": len(poses), "chosen_candidate": polish["chosen"],
+                                         "candidate_similarities": ", ".join(
+                                             f"{v:.4f}" for v in polish["candidate_similarities"])}))
     elif refine:
         t1 = time.perf_counter()
         scope(search_end, f"refining with {refine} features")
@@ -228,12 +243,14 @@ def _register(kind: str, mode: str, fixed: Volume, moving: Volume, options: Regi
 #: centre plus the rotation angle times the compared points' lever arm) below which it stops: a
 #: far-off search result needs a second look from nearer
 POLISH_ROUNDS, POLISH_TOLERANCE_MM = 3, 0.5
+#: best distinct poses of a global search that :func:`_resampled_polish` re-ranks by a first round each
+POLISH_CANDIDATES = 4
 
 
-def _resampled_polish(pose: RigidTransform, rigid_p: RigidParametrization, fixed: Volume, moving: Volume,
-                      options: RegistrationOptions, local: SearchSettings, device: torch.device,
-                      scope: ProgressScope):
-    """Polish ``pose`` on DISA descriptors of the moving image resampled onto the fixed grid at ``pose``.
+def _resampled_polish(poses: list[RigidTransform], pair: FeaturePair, rigid_p: RigidParametrization,
+                      fixed: Volume, moving: Volume, options: RegistrationOptions, local: SearchSettings,
+                      device: torch.device, scope: ProgressScope) -> dict:
+    """Polish the best of ``poses`` on DISA descriptors of the moving image resampled onto the fixed grid.
 
     Why: the objective compares the fixed descriptor at x with the moving one at T(x), and a
     descriptor is not turned with the image.  Descriptors that follow LC² closely describe a patch
@@ -242,31 +259,70 @@ def _resampled_polish(pose: RigidTransform, rigid_p: RigidParametrization, fixed
     the search the remaining rotation is small; describing the moving image in the fixed frame at the
     found pose (one more forward pass) and searching the small residual motion r removes the drift.
     The pose becomes pose ∘ r, a single rigid transform; this repeats (at most POLISH_ROUNDS times)
-    while r moves the points by more than POLISH_TOLERANCE_MM.  Returns the pose, the last search
-    outcome, the feature seconds and the evaluations of all rounds.
+    while r moves the points by more than POLISH_TOLERANCE_MM.
+
+    Several ``poses`` (a global search's best distinct results, best first): each gets the first round,
+    and the one whose similarity is then highest goes on.  Why: the search ranks its candidates on
+    descriptors of the moving image as it is, turned by up to tens of degrees, where the drift can
+    also put a wrong basin first (Kirby21 T2 at 100 mm, docs/benchmarks.md); after resampling, every
+    candidate is judged on descriptors in the fixed frame, against the same fixed map and weights.
+
+    Returns a dict: ``pose``, ``outcome`` (the last search), ``seconds`` (features), ``evaluations``
+    (all rounds), ``candidate_similarities`` (after each candidate's first round) and ``chosen`` (its index).
     """
+    from .features import with_new_moving
+
     extra = options.extra
     identity = RigidTransform.identity(center=rigid_p.center.reshape(-1, 3)[0].tolist())
-    seconds, evaluations = 0.0, 0
-    for round_index in range(POLISH_ROUNDS):
+    steps = len(poses) + POLISH_ROUNDS - 1
+    totals = {"seconds": 0.0, "evaluations": 0}
+
+    def one_round(pose: RigidTransform, step: int):
         # outside the moving field of view: its lowest value (air for CT and MR), not 0 (soft tissue in CT)
         resampled = warp_volume(moving.float(), pose, fixed.geometry, default_value=float(moving.data.min()))
         mask = (warp_volume(options.moving_mask.float(), pose, fixed.geometry, interpolation="nearest")
                 if options.moving_mask is not None else None)
-        again = feature_pair("disa", fixed, resampled, device, model=extra.get("model"),
-                             sign_symmetric=bool(extra.get("disa_sign_symmetric", True)),
-                             fixed_mask=options.fixed_mask, moving_mask=mask,
-                             fixed_modality=extra.get("fixed_modality"), moving_modality=extra.get("moving_modality"))
+        again = with_new_moving(pair, resampled, device, model=extra.get("model"), moving_mask=mask,
+                                moving_modality=extra.get("moving_modality"),
+                                sign_symmetric=bool(extra.get("disa_sign_symmetric", True)))
         outcome = search_pose(again, rigid_p, rigid_p.initial(identity), local, options.seed,
-                              scope.sub(round_index / POLISH_ROUNDS, (round_index + 1) / POLISH_ROUNDS), options.cancel)
-        seconds += again.seconds
-        evaluations += outcome.evaluations
+                              scope.sub(step / steps, (step + 1) / steps), options.cancel)
+        totals["seconds"] += again.seconds
+        totals["evaluations"] += outcome.evaluations
         residual = rigid_p.transform(outcome.x).to(device="cpu", dtype=torch.float64)
         h = pose.to(device="cpu", dtype=torch.float64).homogeneous() @ residual.homogeneous()
-        pose = rigid_p.transform(rigid_p.initial(AffineTransform.from_matrix(h[:, :3, :3], h[:, :3, 3], (0.0, 0.0, 0.0))))
-        if _residual_motion_mm(residual, rigid_p) < POLISH_TOLERANCE_MM:
+        composed = rigid_p.transform(rigid_p.initial(AffineTransform.from_matrix(h[:, :3, :3], h[:, :3, 3],
+                                                                                 (0.0, 0.0, 0.0))))
+        return composed, outcome, _residual_motion_mm(residual, rigid_p)
+
+    firsts = [one_round(p, k) for k, p in enumerate(poses)]
+    similarities = [first[1].similarity for first in firsts]
+    chosen = int(np.argmax(similarities))
+    pose, outcome, moved_mm = firsts[chosen]
+    for round_index in range(1, POLISH_ROUNDS):
+        if moved_mm < POLISH_TOLERANCE_MM:
             break
-    return pose, outcome, seconds, evaluations
+        pose, outcome, moved_mm = one_round(pose, len(poses) + round_index - 1)
+    return {"pose": pose, "outcome": outcome, "seconds": totals["seconds"], "evaluations": totals["evaluations"],
+            "candidate_similarities": similarities, "chosen": chosen}
+
+
+def _turned_fixed_pairs(pair: FeaturePair, fixed: Volume, options: RegistrationOptions, device: torch.device):
+    """For the orientation bank: R ↦ the DISA pair of the fixed image turned by R (x ↦ fixed(R(x))),
+    its mask turned alike, against ``pair``'s moving map."""
+    from .features import with_new_fixed
+
+    extra = options.extra
+
+    def turned(rotation: RigidTransform) -> FeaturePair:
+        image = warp_volume(fixed.float(), rotation, fixed.geometry, default_value=float(fixed.data.min()))
+        mask = (warp_volume(options.fixed_mask.float(), rotation, fixed.geometry, interpolation="nearest")
+                if options.fixed_mask is not None else None)
+        return with_new_fixed(pair, image, device, model=extra.get("model"), fixed_mask=mask,
+                              fixed_modality=extra.get("fixed_modality"),
+                              sign_symmetric=bool(extra.get("disa_sign_symmetric", True)))
+
+    return turned
 
 
 def _residual_motion_mm(residual: RigidTransform, rigid_p: RigidParametrization) -> float:

@@ -64,6 +64,10 @@ class SearchOutcome:
     evaluations: int
     iterations: int
     stages: dict = field(default_factory=dict)  # stage → seconds
+    #: every pose refined on the full-resolution maps [K, P], best first, and their similarities [K]:
+    #: the runners-up let a caller re-rank the best few with a costlier test (``refine="disa"``)
+    candidates: Optional[torch.Tensor] = None
+    candidate_similarities: Optional[torch.Tensor] = None
 
 
 def random_starts(parametrization: Parametrization, x_init: torch.Tensor, count: int, range_deg: float,
@@ -117,25 +121,32 @@ def search_pose(pair: FeaturePair, parametrization: Parametrization, x_init: tor
                 cancel: Optional[CancelToken] = None) -> SearchOutcome:
     """Find the coordinates that maximise the feature similarity (minus the parametrisation's penalty)."""
     settings.validate()
+    x_init = x_init.to(device=pair.fixed.data.device, dtype=torch.float64)
+    if settings.search == "global":
+        x0 = random_starts(parametrization, x_init.cpu(), settings.starts, settings.range_deg, settings.range_mm,
+                           seed).to(x_init.device)
+        return optimise_starts(pair, parametrization, x0, settings, settings.keep, progress, cancel)
+    return optimise_starts(pair, parametrization, x_init, settings, 1, progress, cancel, refine_starts=True)
+
+
+def optimise_starts(pair: FeaturePair, parametrization: Parametrization, x0: torch.Tensor, settings: SearchSettings,
+                    keep: int, progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
+                    refine_starts: bool = False) -> SearchOutcome:
+    """All rows of ``x0`` optimised together on the coarse level; the ``keep`` best distinct results
+    (and, with ``refine_starts``, the starts themselves) refined on the full-resolution maps."""
     scope = ProgressScope(progress)
     device = pair.fixed.data.device
-    x_init = x_init.to(device=device, dtype=torch.float64)
+    x0 = x0.to(device=device, dtype=torch.float64)
     stages: dict[str, float] = {}
     coarse = FeatureObjective(pair.coarse(), settings.coarse_points)
     fine = FeatureObjective(pair, settings.fine_points)
     t0 = time.perf_counter()
-    if settings.search == "global":
-        x0 = random_starts(parametrization, x_init.cpu(), settings.starts, settings.range_deg, settings.range_mm,
-                           seed).to(device)
-    else:
-        x0 = x_init
     first = optimise_in_chunks(coarse, parametrization, x0, settings.coarse_iterations,
                                settings.memory_budget_bytes, scope.sub(0.0, 0.6), cancel)
     stages["coarse_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    pick = _distinct_best(first.x, first.loss, settings.keep if settings.search == "global" else 1)
-    refine = first.x[pick]
-    if settings.search == "local":
+    refine = first.x[_distinct_best(first.x, first.loss, keep)]
+    if refine_starts:
         # The start itself is refined on the full-resolution maps too, and the better of the two wins
         # on that objective.  Why: the pooled maps can have their optimum elsewhere (on a CT whose
         # descriptors vary little, a local search started at the true pose followed the coarse level
@@ -144,8 +155,10 @@ def search_pose(pair: FeaturePair, parametrization: Parametrization, x_init: tor
     second = optimise_in_chunks(fine, parametrization, refine, settings.fine_iterations,
                                 settings.memory_budget_bytes, scope.sub(0.6, 1.0), cancel)
     stages["fine_s"] = time.perf_counter() - t1
-    best = int(torch.argmin(second.loss))
+    order = _distinct_best(second.x, second.loss, second.x.shape[0])
+    best = int(order[0])
     with torch.no_grad():
-        similarity = float(fine.value(parametrization.transform(second.x[best:best + 1]))[0])
-    return SearchOutcome(second.x[best:best + 1].detach(), similarity, first.evaluations + second.evaluations,
-                         first.iterations + second.iterations, stages)
+        similarities = fine.value(parametrization.transform(second.x[order])).detach()
+    return SearchOutcome(second.x[best:best + 1].detach(), float(similarities[0]),
+                         first.evaluations + second.evaluations, first.iterations + second.iterations, stages,
+                         second.x[order].detach(), similarities)
