@@ -74,7 +74,7 @@ PARAMETER_WIDGETS = {
     "startsSpinBox": "QSpinBox",
     "rangeDegSpinBox": "QSpinBox",
     "rangeMmSpinBox": "QSpinBox",
-    "refineMindCheckBox": "QCheckBox",
+    "refineComboBox": "QComboBox",
     "deviceComboBox": "QComboBox",
     "outputTransformSelector": "qMRMLNodeComboBox",
     "outputVolumeSelector": "qMRMLNodeComboBox",

@@ -260,7 +260,7 @@ def test_resampled_disa_polish_removes_the_drift_of_a_far_turned_moving_image(ki
     t1, t2, points = kirby
     truth = _rigid((-35, 20, 15), (5, 10, -8), t1.geometry.center)
     moving = misaligned_copy(t2, truth, margin_mm=30)
-    plain = _register("disa-rigid", t1, moving, initial=truth)
+    plain = _register("disa-rigid", t1, moving, initial=truth, refine="none")
     polished = _register("disa-rigid", t1, moving, initial=truth, refine="disa")
     plain_error = target_registration_error(plain.transform, truth, points)["mean_mm"]
     polished_error = target_registration_error(polished.transform, truth, points)["mean_mm"]
@@ -360,14 +360,14 @@ def test_written_transform_resamples_in_simpleitk_like_the_warped_output(tmp_pat
     assert float(diff.mean()) < 1e-3 * float(np.abs(sitk.GetArrayFromImage(reference)).max())
 
 
-#: The issue's target for DISA is 1.5 mm (as MIND-SSC reaches on the same engine above).  With the
-#: shipped weights (a first 53-minute CPU training run, Pearson 0.34 with LC² on held-out scans) the
-#: DISA optimum on Kirby21 T2 → T1 sits 2–2.5 mm from the true pose even when the search starts there
-#: (benchmarks/disa_optimum_bias.py), so these bounds assert what is reached (measured 2026-11-22 with
-#: the sign-symmetric descriptors: rigid 2.3 mm, affine 3.5 mm; raw network output 2.7 and 3.8 mm)
-#: plus about 30%.  Tighten them to 1.5 mm once better trained weights ship.
-DISA_RIGID_BOUND_MM = 3.0
-DISA_AFFINE_BOUND_MM = 4.5
+#: The issue's target for DISA is 1.5 mm (as MIND-SSC reaches on the same engine above).  disa-rigid
+#: now polishes by default (refine="disa"): 0.52 mm on the rigid case (1.42 mm without the polish;
+#: measured 2026-12-06 with the distilled weights), so the rigid bound is the issue's.  The affine
+#: stage is not polished: its DISA optimum scales the moving image ~5% too much on every axis on this
+#: pair (2.2 mm with or without a resampled affine polish, which was tried and not kept), so its
+#: bound is that plus about 30%, until the objective or the weights lose that bias.
+DISA_RIGID_BOUND_MM = 1.5
+DISA_AFFINE_BOUND_MM = 3.0
 
 
 def test_a_search_larger_than_the_memory_budget_runs_in_chunks_with_the_same_result(sample_t1, sample_t2):

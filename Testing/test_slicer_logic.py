@@ -14,6 +14,7 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "DeepMultimodalReg"))
 slicer = pytest.importorskip("slicer", reason="slicer-core provides MRML")
 
+from DeepMultimodalRegLib.errors import InvalidParameterError  # noqa: E402
 from DeepMultimodalRegLib.evaluation import misaligned_copy  # noqa: E402
 from DeepMultimodalRegLib.transforms.linear import RigidTransform  # noqa: E402
 from DeepMultimodalRegMRML import parameters as P  # noqa: E402
@@ -192,15 +193,17 @@ def test_status_text_carries_the_known_limits_of_the_weights_used():
     assert summarise(disa).splitlines()[1] == "Weights: preliminary: 2 mm off on T2"
 
 
-def test_refine_mind_setting_reaches_disa_methods_only(scene, misaligned_pair):
+def test_refine_setting_reaches_disa_methods_only(scene, misaligned_pair):
     fixed, moving, _ = misaligned_pair
     fixed_node = node_from_volume(scene, fixed, name="T1")
     moving_node = node_from_volume(scene, moving, name="T2")
     logic = RegistrationLogic(scene)
-    settings = {"Device": "cpu", "RefineMind": True, "Search": "global", "Starts": 8}
+    settings = {"Device": "cpu", "Refine": "mind", "Search": "global", "Starts": 8}
     disa = logic.prepare(fixed_node, moving_node, method="disa-rigid", settings=settings)
     assert disa.options.extra == {"starts": 8, "range_deg": 40.0, "range_mm": 150.0, "refine": "mind"}
     mind = logic.prepare(fixed_node, moving_node, method="mind-rigid", settings=settings)
     assert "refine" not in mind.options.extra
-    plain = logic.prepare(fixed_node, moving_node, method="disa-rigid", settings={"Device": "cpu"})
-    assert plain.options.extra == {}
+    default = logic.prepare(fixed_node, moving_node, method="disa-rigid", settings={"Device": "cpu"})
+    assert default.options.extra == {"refine": "disa"}  # the library's default polish, said explicitly
+    with pytest.raises(InvalidParameterError, match="refine"):
+        logic.prepare(fixed_node, moving_node, method="disa-rigid", settings={"Device": "cpu", "Refine": "lc2"})

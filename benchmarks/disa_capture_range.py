@@ -30,12 +30,13 @@ view is the fixed one plus 110 mm on every side, so the moved anatomy stays in v
 **Methods** (each run on the same fixed/moving volumes, ``--device`` cpu by default, torch and
 SimpleITK both limited to ``--threads`` 2):
 
-* ``disa-local`` / ``disa-global``: ``disa-rigid`` with ``search`` local / global (global: ``--starts``
-  500 starts within ±40°, ±150 mm, the library's defaults);
+* ``disa-local`` / ``disa-global``: ``disa-rigid`` with ``search`` local / global and ``refine="none"``
+  (the plain DISA search; global: ``--starts`` 500 starts within ±40°, ±150 mm, the library's defaults);
 * ``disa-global-mind``: ``disa-global``, then a local rigid polish on MIND-SSC features from its
   pose (``refine="mind"``): DISA's capture range with MIND-SSC's accuracy — no longer DISA alone;
-* ``disa-global-resampled``: ``disa-global``, then a local rigid polish on DISA descriptors of the
-  moving image resampled at the found pose (``refine="disa"``): still DISA alone, one more forward pass;
+* ``disa-global-resampled``: ``disa-rigid`` global as the library runs it by default (``refine="disa"``):
+  the starts spread over a bank of 9 turned copies of the fixed image, the best 4 candidates re-ranked
+  and the winner polished on DISA descriptors of the moving image resampled at their pose — still DISA alone;
 * ``mind-local`` / ``mind-global``: ``mind-rigid``, the same engine on MIND-SSC features;
 * ``lc2-local``: ``lc2-rigid`` (Powell on direct volume LC²): slow, so it runs only on the first
   ``--lc2-cases-per-bin`` cases (default 2) of every pair and bin; the table says on how many;
@@ -268,6 +269,8 @@ def run_method(method: str, fixed: Volume, moving: Volume, seed: int, args):
     extra = {}
     if search == "global":
         extra = {"starts": args.starts, "range_deg": args.range_deg, "range_mm": args.range_mm}
+    if method in ("disa-local", "disa-global"):
+        extra["refine"] = "none"  # the plain DISA search (the library polishes disa-* by default)
     if method == "disa-global-mind":
         extra["refine"] = "mind"
     if method == "disa-global-resampled":

@@ -67,8 +67,8 @@ def _search_extra(settings: dict) -> dict:
     extra = {}
     if settings["Search"] == "global":
         extra = {"starts": settings["Starts"], "range_deg": settings["RangeDeg"], "range_mm": settings["RangeMm"]}
-    if settings.get("RefineMind") and settings["Method"].startswith("disa"):
-        extra["refine"] = "mind"
+    if settings["Method"].startswith("disa"):
+        extra["refine"] = settings["Refine"]
     return extra
 
 
@@ -114,7 +114,7 @@ class RegistrationLogic:
         values = {name: s.default for name, s in P.SETTINGS.items()}
         values.update(settings or {})
         values["Method"] = method
-        for name in ("Search", "Device"):
+        for name in ("Search", "Device", "Refine"):
             if values[name] not in P.SETTINGS[name].choices:
                 raise InvalidParameterError(
                     f"{name.lower()} {values[name]!r}: choose one of {', '.join(P.SETTINGS[name].choices)}")

@@ -35,7 +35,9 @@ SETTINGS = {s.name: s for s in [
     Setting("Starts", int, 500, (), "global search: number of random starting poses"),
     Setting("RangeDeg", float, 40.0, (), "global search: rotations within ± this (degrees)"),
     Setting("RangeMm", float, 150.0, (), "global search: translations within ± this (mm)"),
-    Setting("RefineMind", bool, False, (), "disa-*: polish the DISA pose locally on MIND-SSC features"),
+    Setting("Refine", str, "disa", ("disa", "mind", "none"),
+            "disa-*: polish the DISA pose locally on DISA descriptors of the moving image resampled at it (disa), "
+            "on MIND-SSC features (mind), or not at all (none)"),
     Setting("IsoIterations", int, 100, (), "image-specific optimisation: iterations over the whole image"),
     Setting("RsoIterations", int, 400, (), "region-specific optimisation: iterations per box"),
     Setting("RsoCrop", bool, True, (), "region-specific optimisation on a crop around the box (faster)"),

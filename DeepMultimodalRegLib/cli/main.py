@@ -46,11 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global search: rotations within ±this about each axis (default 40; the paper's brain range is 10)")
     r.add_argument("--range-mm", type=float,
                    help="global search: translations within ±this along each axis (default 150; brain: 25)")
-    r.add_argument("--refine", choices=("mind", "disa"),
-                   help="disa-*: after the DISA rigid search, polish the pose locally: mind = on MIND-SSC features "
-                        "(also used for the affine/deformable stages): DISA's capture range, MIND-SSC's accuracy; disa = "
-                        "on DISA descriptors of the moving image resampled at the found pose (one more forward pass: "
-                        "removes the drift of DISA's optimum when the images are turned far apart)")
+    r.add_argument("--refine", choices=("disa", "mind", "none"),
+                   help="disa-*: after the DISA rigid search, polish the pose locally: disa (the default) = on DISA "
+                        "descriptors of the moving image resampled at the found pose (removes the drift of DISA's "
+                        "optimum when the images are turned far apart; a global search also spreads its starts over "
+                        "turned copies of the fixed image); mind = on MIND-SSC features (also used for the "
+                        "affine/deformable stages); none = the DISA search's pose as it is (fastest)")
     # --- rso (issue 5)
     r.add_argument("--weights", type=Path, help="deep: general-model weights (default: the shipped `general`); msode-*: a trained MS-ODE model "
                         "(none ships yet)")
