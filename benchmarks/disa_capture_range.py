@@ -104,6 +104,8 @@ LIBRARY_METHODS = {"disa-local": ("disa-rigid", "local"), "disa-global": ("disa-
 MAX_ROTATION_DEG = 40.0
 MAX_TRANSLATION_MM = 130.0
 SPACING_MM = 2.0
+#: DISA alone with global search: the plain search and the library's default (refine="disa")
+DISA_GLOBAL_METHODS = ("disa-global", "disa-global-resampled")
 #: issue targets
 TARGET_GLOBAL_SUCCESS = 0.95
 TARGET_TIME_RATIO = 3.0
@@ -463,15 +465,19 @@ def summarise(runs: list[dict], pairs: list[str], methods: list[str]) -> dict:
                             "median_evaluations": _median([r.get("evaluations") for r in sel]),
                             "median_search_seconds_per_evaluation": _median(search)}
         if rows:
-            t_disa = rows.get("disa-global", {}).get("median_seconds")
             t_sitk = rows.get("sitk-mattes", {}).get("median_seconds")
-            ratio = {"disa_global_over_sitk_median_time": t_disa / t_sitk if t_disa and t_sitk else None,
-                     "target": TARGET_TIME_RATIO}
-            g = rows.get("disa-global")
-            if g:
-                rates = [b["success_rate"] for b in g["bins"] if b["success_rate"] is not None]
-                ratio["disa_global_min_bin_success"] = min(rates) if rates else None
-                ratio["target_min_bin_success"] = TARGET_GLOBAL_SUCCESS
+            ratio = {"target": TARGET_TIME_RATIO}
+            # the DISA-alone global searches the issue's targets are about: the plain one and the
+            # library's default (resampled polish with the orientation bank)
+            for method in DISA_GLOBAL_METHODS:
+                key = method.replace("-", "_")
+                t_disa = rows.get(method, {}).get("median_seconds")
+                ratio[f"{key}_over_sitk_median_time"] = t_disa / t_sitk if t_disa and t_sitk else None
+                g = rows.get(method)
+                if g:
+                    rates = [b["success_rate"] for b in g["bins"] if b["success_rate"] is not None]
+                    ratio[f"{key}_min_bin_success"] = min(rates) if rates else None
+                    ratio["target_min_bin_success"] = TARGET_GLOBAL_SUCCESS
             out[scope] = {"methods": rows, "targets": ratio}
     return out
 
@@ -489,7 +495,7 @@ def markdown_table(record: dict) -> str:
             for b in row["bins"]:
                 cells.append(f"{100 * b['success_rate']:.0f}% ({b['successes']}/{b['cases']})" if b["cases"] else "–")
             overall = f"{100 * row['successes'] / row['cases']:.0f}% ({row['successes']}/{row['cases']})"
-            name = f"**{method}**" if method == "disa-global" else method
+            name = f"**{method}**" if method in DISA_GLOBAL_METHODS else method
             crash = f" ⚠ {row['crashes']} crashed" if row["crashes"] else ""
             t, e, err = row["median_seconds"], row["median_evaluations"], row.get("median_error_mm")
             timing = f"{t:.1f} | {e:.0f}" if t is not None and e is not None else "– | –"
@@ -508,12 +514,14 @@ def markdown_table(record: dict) -> str:
     for scope, block in summary.items():
         t = block["targets"]
         parts = []
-        if t.get("disa_global_over_sitk_median_time") is not None:
-            parts.append(f"DISA-global / SimpleITK median time {t['disa_global_over_sitk_median_time']:.2f}× "
-                         f"(target ≤ {TARGET_TIME_RATIO:g}×)")
-        if t.get("disa_global_min_bin_success") is not None:
-            parts.append(f"DISA-global lowest bin success {100 * t['disa_global_min_bin_success']:.0f}% "
-                         f"(target ≥ {100 * TARGET_GLOBAL_SUCCESS:.0f}%)")
+        for method in DISA_GLOBAL_METHODS:
+            key = method.replace("-", "_")
+            if t.get(f"{key}_over_sitk_median_time") is not None:
+                parts.append(f"{method} / SimpleITK median time {t[f'{key}_over_sitk_median_time']:.2f}× "
+                             f"(target ≤ {TARGET_TIME_RATIO:g}×)")
+            if t.get(f"{key}_min_bin_success") is not None:
+                parts.append(f"{method} lowest bin success {100 * t[f'{key}_min_bin_success']:.0f}% "
+                             f"(target ≥ {100 * TARGET_GLOBAL_SUCCESS:.0f}%)")
         if parts:
             notes.append(f"{'all pairs' if scope == 'all' else scope}: " + "; ".join(parts) + ".")
     cost = record.get("evaluation_cost") or {}
