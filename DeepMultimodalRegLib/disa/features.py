@@ -147,13 +147,19 @@ def disa_features(fixed: Volume, moving: Volume, device: torch.device, model: Op
 
     start = time.perf_counter()
     model = model if model is not None else load_disa_network("disa", device=device)
-    f = prepare_for_disa(fixed, DISA_SPACING_MM, fixed_modality)
-    phi_f, grid_f = compute_descriptors(model, f.to(device), device, sign_symmetric=sign_symmetric)
-    weight = location_weights(f, OUTPUT_STRIDE, fixed_mask, grid_f).to(phi_f.device)
+    phi_f, grid_f, weight = _disa_fixed_map(model, fixed, device, fixed_mask, fixed_modality, sign_symmetric)
     common = centring_vector(phi_f, weight)
     moving_map = _disa_moving_map(model, moving, device, moving_mask, moving_modality, sign_symmetric, common)
     return FeaturePair(FeatureMap(phi_f - common, grid_f), moving_map, weight, "dot", 1, "DISA",
                        time.perf_counter() - start, centre=common)
+
+
+def _disa_fixed_map(model: torch.nn.Module, fixed: Volume, device: torch.device, fixed_mask: Optional[Volume],
+                    fixed_modality: str | None, sign_symmetric: bool):
+    """Uncentred fixed descriptors, their grid and the LC² weight of every descriptor location."""
+    f = prepare_for_disa(fixed, DISA_SPACING_MM, fixed_modality)
+    phi_f, grid_f = compute_descriptors(model, f.to(device), device, sign_symmetric=sign_symmetric)
+    return phi_f, grid_f, location_weights(f, OUTPUT_STRIDE, fixed_mask, grid_f).to(phi_f.device)
 
 
 def _disa_moving_map(model: torch.nn.Module, moving: Volume, device: torch.device, moving_mask: Optional[Volume],
@@ -193,9 +199,7 @@ def with_new_fixed(pair: FeaturePair, fixed: Volume, device: torch.device,
         raise InvalidParameterError("only a DISA feature pair can take a new fixed map")
     start = time.perf_counter()
     model = model if model is not None else load_disa_network("disa", device=device)
-    f = prepare_for_disa(fixed, DISA_SPACING_MM, fixed_modality)
-    phi_f, grid_f = compute_descriptors(model, f.to(device), device, sign_symmetric=sign_symmetric)
-    weight = location_weights(f, OUTPUT_STRIDE, fixed_mask, grid_f).to(phi_f.device)
+    phi_f, grid_f, weight = _disa_fixed_map(model, fixed, device, fixed_mask, fixed_modality, sign_symmetric)
     return FeaturePair(FeatureMap(phi_f - pair.centre, grid_f), pair.moving, weight, pair.comparison,
                        pair.point_stride, pair.name, time.perf_counter() - start, pair.coarse_factor, pair.centre)
 

@@ -31,9 +31,9 @@ from typing import Callable, Optional
 import torch
 
 from ..progress import CancelToken, ProgressCallback, ProgressScope
-from ..transforms.linear import AffineTransform, RigidTransform
+from ..transforms.linear import RigidTransform
 from .features import FeaturePair
-from .parametrization import RigidParametrization
+from .parametrization import RigidParametrization, coordinates_of
 from .search import SearchOutcome, SearchSettings, _distinct_best, optimise_starts, random_starts
 
 #: search ranges (degrees) from which the bank has more than the identity
@@ -54,10 +54,6 @@ def _rotation_angles(h: torch.Tensor) -> torch.Tensor:
     """[B] rotation angle (radians) of the 3×3 parts of [B, 4, 4] homogeneous matrices."""
     trace = h[:, 0, 0] + h[:, 1, 1] + h[:, 2, 2]
     return torch.arccos(((trace - 1) / 2).clamp(-1, 1))
-
-
-def _coordinates(rigid_p: RigidParametrization, h: torch.Tensor) -> torch.Tensor:
-    return rigid_p.initial(AffineTransform.from_matrix(h[:, :3, :3], h[:, :3, 3], (0.0, 0.0, 0.0)))
 
 
 def bank_search(pair: FeaturePair, rigid_p: RigidParametrization, x_init: torch.Tensor, settings: SearchSettings,
@@ -93,13 +89,13 @@ def bank_search(pair: FeaturePair, rigid_p: RigidParametrization, x_init: torch.
         member_pair = pair if k == 0 else turned_pair(member)
         stages["bank_features_s"] += time.perf_counter() - t0
         g = member.homogeneous()[0]
-        xk = _coordinates(rigid_p, starts_h[rows] @ g).to(device)
+        xk = coordinates_of(rigid_p, starts_h[rows] @ g).to(device)
         keep = min(settings.keep, 1 + math.ceil(settings.keep * rows.numel() / x0.shape[0]))
         outcome = optimise_starts(member_pair, rigid_p, xk, settings, keep, sub, cancel)
         for name, seconds in outcome.stages.items():
             stages[name] = stages.get(name, 0.0) + seconds
         back = rigid_p.transform(outcome.candidates).homogeneous().cpu() @ torch.linalg.inv(g)
-        xs.append(_coordinates(rigid_p, back))
+        xs.append(coordinates_of(rigid_p, back))
         sims.append(outcome.candidate_similarities.cpu())
         evaluations += outcome.evaluations
         iterations += outcome.iterations

@@ -145,6 +145,11 @@ def _as_rigid(pose: LinearTransform, center: torch.Tensor) -> RigidTransform:
     return RigidTransform(params, center)
 
 
+def coordinates_of(parametrization: Parametrization, h: torch.Tensor) -> torch.Tensor:
+    """Coordinates [B, P] of the linear maps given as [B, 4, 4] homogeneous matrices (for composing poses)."""
+    return parametrization.initial(AffineTransform.from_matrix(h[:, :3, :3], h[:, :3, 3], (0.0, 0.0, 0.0)))
+
+
 def perturbed_poses(parametrization: Parametrization, x_init: torch.Tensor, angles_rad: torch.Tensor,
                     shifts_mm: torch.Tensor) -> torch.Tensor:
     """Coordinates of the pose of ``x_init`` [1, P] preceded by n extra rigid motions about the centre.
@@ -155,8 +160,7 @@ def perturbed_poses(parametrization: Parametrization, x_init: torch.Tensor, angl
     pose_p = parametrization.pose_parametrization
     base = pose_p.transform(x_init[:, :pose_p.size]).homogeneous()[0]
     extra = RigidTransform(torch.cat([angles_rad, shifts_mm], 1).to(base), pose_p.center.to(base.device))
-    h = base @ extra.homogeneous()
-    poses = pose_p.initial(AffineTransform.from_matrix(h[:, :3, :3], h[:, :3, 3], (0.0, 0.0, 0.0)))
+    poses = coordinates_of(pose_p, base @ extra.homogeneous())
     tail = x_init[:, pose_p.size:].expand(poses.shape[0], -1)
     return torch.cat([poses.to(x_init), tail], 1)
 

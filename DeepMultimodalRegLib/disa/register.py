@@ -40,15 +40,17 @@ from ..device import describe_device, resolve_device
 from ..errors import InvalidParameterError
 from ..image.validation import validate_registration_input
 from ..image.volume import Volume
+from ..networks.disa_net import load_disa_network
 from ..methods.registry import RegistrationOptions
 from ..progress import ProgressScope
 from ..result import RegistrationResult, RegistrationStep
 from ..transforms.composite import CompositeTransform
-from ..transforms.linear import AffineTransform, LinearTransform, RigidTransform
+from ..transforms.linear import LinearTransform, RigidTransform
 from ..transforms.resample import warp_volume
 from .features import FeaturePair, feature_pair
 from .objective import FeatureObjective
-from .parametrization import AffineParametrization, PoseWithBSpline, RigidParametrization, nearest_rotation_pose
+from .parametrization import (AffineParametrization, PoseWithBSpline, RigidParametrization, coordinates_of,
+                              nearest_rotation_pose)
 from .search import SearchSettings, search_pose
 
 _EXTRA_KEYS = {"starts", "range_deg", "range_mm", "initial", "deformable", "control_spacing_mm", "model",
@@ -144,7 +146,11 @@ def _register(kind: str, mode: str, fixed: Volume, moving: Volume, options: Regi
                       "aligned", RuntimeWarning, stacklevel=3)
     initial = extra.get("initial") or centred_initial_pose(fixed, moving)
     scope(0.0, "computing features")
-    pair: FeaturePair = feature_pair(kind, fixed, moving, device, model=extra.get("model"),
+    # loaded once (hash check and all): the polish and the orientation bank run the network again
+    model = extra.get("model")
+    if kind == "disa" and model is None:
+        model = load_disa_network("disa", device=device)
+    pair: FeaturePair = feature_pair(kind, fixed, moving, device, model=model,
                                      sign_symmetric=bool(extra.get("disa_sign_symmetric", True)),
                                      fixed_mask=options.fixed_mask, moving_mask=options.moving_mask,
                                      fixed_modality=extra.get("fixed_modality"),
@@ -167,7 +173,7 @@ def _register(kind: str, mode: str, fixed: Volume, moving: Volume, options: Regi
     if kind == "disa" and refine == "disa" and settings.search == "global":
         from .orientation_bank import bank_search
 
-        outcome = bank_search(pair, rigid_p, x_init, settings, _turned_fixed_pairs(pair, fixed, options, device),
+        outcome = bank_search(pair, rigid_p, x_init, settings, _turned_fixed_pairs(pair, fixed, options, model, device),
                               options.seed, scope.sub(0.05, search_end), options.cancel)
     else:
         outcome = search_pose(pair, rigid_p, x_init, settings, options.seed, scope.sub(0.05, search_end),
@@ -185,7 +191,7 @@ def _register(kind: str, mode: str, fixed: Volume, moving: Volume, options: Regi
         poses = [transform]
         if settings.search == "global" and outcome.candidates is not None:
             poses = [rigid_p.transform(x[None]) for x in outcome.candidates[:POLISH_CANDIDATES]]
-        polish = _resampled_polish(poses, pair, rigid_p, fixed, moving, options, local, device,
+        polish = _resampled_polish(poses, pair, rigid_p, fixed, moving, options, model, local, device,
                                    scope.sub(search_end, rigid_end))
         transform, outcome = polish["pose"], polish["outcome"]
         evaluations += polish["evaluations"]
@@ -260,8 +266,8 @@ POLISH_CANDIDATES = 4
 
 
 def _resampled_polish(poses: list[RigidTransform], pair: FeaturePair, rigid_p: RigidParametrization,
-                      fixed: Volume, moving: Volume, options: RegistrationOptions, local: SearchSettings,
-                      device: torch.device, scope: ProgressScope) -> dict:
+                      fixed: Volume, moving: Volume, options: RegistrationOptions, model: torch.nn.Module,
+                      local: SearchSettings, device: torch.device, scope: ProgressScope) -> dict:
     """Polish the best of ``poses`` on DISA descriptors of the moving image resampled onto the fixed grid.
 
     Why: the objective compares the fixed descriptor at x with the moving one at T(x), and a
@@ -294,7 +300,7 @@ def _resampled_polish(poses: list[RigidTransform], pair: FeaturePair, rigid_p: R
         resampled = warp_volume(moving.float(), pose, fixed.geometry, default_value=float(moving.data.min()))
         mask = (warp_volume(options.moving_mask.float(), pose, fixed.geometry, interpolation="nearest")
                 if options.moving_mask is not None else None)
-        again = with_new_moving(pair, resampled, device, model=extra.get("model"), moving_mask=mask,
+        again = with_new_moving(pair, resampled, device, model=model, moving_mask=mask,
                                 moving_modality=extra.get("moving_modality"),
                                 sign_symmetric=bool(extra.get("disa_sign_symmetric", True)))
         outcome = search_pose(again, rigid_p, rigid_p.initial(identity), local, options.seed,
@@ -303,8 +309,7 @@ def _resampled_polish(poses: list[RigidTransform], pair: FeaturePair, rigid_p: R
         totals["evaluations"] += outcome.evaluations
         residual = rigid_p.transform(outcome.x).to(device="cpu", dtype=torch.float64)
         h = pose.to(device="cpu", dtype=torch.float64).homogeneous() @ residual.homogeneous()
-        composed = rigid_p.transform(rigid_p.initial(AffineTransform.from_matrix(h[:, :3, :3], h[:, :3, 3],
-                                                                                 (0.0, 0.0, 0.0))))
+        composed = rigid_p.transform(coordinates_of(rigid_p, h))
         return composed, outcome, _residual_motion_mm(residual, rigid_p)
 
     firsts = [one_round(p, k) for k, p in enumerate(poses)]
@@ -319,7 +324,8 @@ def _resampled_polish(poses: list[RigidTransform], pair: FeaturePair, rigid_p: R
             "candidate_similarities": similarities, "chosen": chosen}
 
 
-def _turned_fixed_pairs(pair: FeaturePair, fixed: Volume, options: RegistrationOptions, device: torch.device):
+def _turned_fixed_pairs(pair: FeaturePair, fixed: Volume, options: RegistrationOptions, model: torch.nn.Module,
+                        device: torch.device):
     """For the orientation bank: R ↦ the DISA pair of the fixed image turned by R (x ↦ fixed(R(x))),
     its mask turned alike, against ``pair``'s moving map."""
     from .features import with_new_fixed
@@ -330,7 +336,7 @@ def _turned_fixed_pairs(pair: FeaturePair, fixed: Volume, options: RegistrationO
         image = warp_volume(fixed.float(), rotation, fixed.geometry, default_value=float(fixed.data.min()))
         mask = (warp_volume(options.fixed_mask.float(), rotation, fixed.geometry, interpolation="nearest")
                 if options.fixed_mask is not None else None)
-        return with_new_fixed(pair, image, device, model=extra.get("model"), fixed_mask=mask,
+        return with_new_fixed(pair, image, device, model=model, fixed_mask=mask,
                               fixed_modality=extra.get("fixed_modality"),
                               sign_symmetric=bool(extra.get("disa_sign_symmetric", True)))
 
