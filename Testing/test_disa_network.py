@@ -243,6 +243,52 @@ def test_sign_symmetric_descriptors_are_the_mean_over_the_sign_and_sign_invarian
     slabs, _ = compute_descriptors(model, volume, device="cpu", chunk=24, sign_symmetric=True)
     assert torch.allclose(sym, slabs, rtol=0, atol=1e-6)
 
+def test_a_constant_border_is_skipped_with_the_same_descriptors(model, t1_block, monkeypatch):
+    """Real anatomy padded with a constant along z (as a moving image on a widened grid is): the
+    network runs on the content and the border it sees only, and every descriptor whose receptive
+    field lies inside the volume equals the full pass; the others are the constant's descriptor."""
+    from DeepMultimodalRegLib.networks import disa_border
+
+    monkeypatch.setattr(disa_border, "MAX_CROP_FRACTION", 0.9)  # a small test volume saves less than 40%
+    content = t1_block[:24, :24, :24]
+    background = float(content.min()) - 1.0
+    x = torch.nn.functional.pad(content, (16, 16, 16, 16, 70, 62), value=background)[None, None]  # (156, 56, 56)
+    seen = []
+
+    def forward(v):
+        seen.append(tuple(v.shape[2:]))
+        return model(v)
+
+    with torch.no_grad():
+        trimmed = disa_border.forward_skipping_constant_border(forward, x)
+        full = model(x)
+    assert trimmed.shape == full.shape == (1, 16, 39, 14, 14)
+    assert max(s[0] for s in seen) < 156  # the border was not run through the network
+    half = RECEPTIVE_FIELD // 2
+    inside = [[k for k in range(m) if 4 * k - half >= 0 and 4 * k + half <= n - 1]
+              for n, m in zip(x.shape[2:], trimmed.shape[2:])]
+    z, y, w = (slice(r[0], r[-1] + 1) for r in inside)
+    assert torch.allclose(trimmed[:, :, z, y, w], full[:, :, z, y, w], rtol=0, atol=1e-5)
+    # far from the content the descriptor is the constant one, which the full pass also gives there
+    assert torch.allclose(trimmed[0, :, 6, 6:8, 6:8], full[0, :, 6, 6:8, 6:8], rtol=0, atol=1e-5)
+    assert (full[0, :, 6, 6, 6] - full[0, :, 19, 6, 6]).abs().max() > 1e-3  # (content differs: not vacuous)
+    # the library entry point takes the same path and gives the same result
+    volume = Volume(x[0, 0], ImageGeometry(shape=tuple(x.shape[2:]), spacing=(2.0, 2.0, 2.0)))
+    via_library, _ = compute_descriptors(model, volume, device="cpu")
+    assert torch.allclose(via_library, trimmed[0], rtol=0, atol=1e-6)
+
+
+def test_a_volume_without_constant_border_takes_the_plain_pass(model, t1_block):
+    from DeepMultimodalRegLib.networks import disa_border
+
+    seen = []
+    x = t1_block[None, None]
+    with torch.no_grad():
+        out = disa_border.forward_skipping_constant_border(lambda v: seen.append(tuple(v.shape)) or model(v), x)
+        assert torch.equal(out, model(x))
+    assert seen == [tuple(x.shape)]
+
+
 # ---------------------------------------------------------------------------- small volumes
 def test_small_volumes_are_padded_without_warning_and_keep_their_grid(model):
     torch.manual_seed(4)

@@ -180,7 +180,15 @@ class DISANet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5 or x.size(1) != 1:
             raise InvalidParameterError(f"DISANet expects a [B, 1, D, H, W] tensor, got shape {tuple(x.shape)}")
-        return clip_descriptor_norm(self.layers(x), dim=1)
+        h = self.layers[0](x)
+        if h.device.type == "cpu":
+            # Why: from 8 channels on, the CPU convolutions run 1.5x faster on channels-last tensors
+            # (a 128x128x104 pass, 2 threads: 0.73 s -> 0.48 s, same values to 3e-7).  The one-channel
+            # input has no channels-last layout, so the switch comes after the first layer.
+            h = h.contiguous(memory_format=torch.channels_last_3d)
+        for layer in self.layers[1:]:
+            h = layer(h)
+        return clip_descriptor_norm(h, dim=1)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
@@ -310,6 +318,9 @@ def compute_descriptors(model: nn.Module, volume: Volume, device: str | torch.de
     * Axes shorter than RECEPTIVE_FIELD are replicate-padded (:func:`pad_to_receptive_field`) and
       the result is cropped back, so the grid is always :func:`descriptor_geometry` of the volume;
       axes shorter than MIN_AXIS_SIZE are refused with :class:`InvalidImageError`.
+    * A wide constant border (padding around the anatomy) is not run through the network: its
+      descriptors are all the same vector (:mod:`.disa_border`).  The result equals a full pass except
+      within half a receptive field of the volume's own edge, where a full pass bends under zero padding.
     * A CUDA out-of-memory error retries in slabs of 64 slices, then on the CPU, with a warning.
     """
     if not isinstance(volume, Volume):
@@ -325,13 +336,14 @@ def compute_descriptors(model: nn.Module, volume: Volume, device: str | torch.de
             "before computing DISA descriptors")
     target = resolve_device(device)
     geometry = descriptor_geometry(volume.geometry)
+    from .disa_border import forward_skipping_constant_border
 
     def run(dev: torch.device, slabs: int | None) -> torch.Tensor:
         model.to(dev)
         x = data.to(device=dev, dtype=torch.float32)[None, None]
         x, pads = pad_to_receptive_field(x)
         def forward(v: torch.Tensor) -> torch.Tensor:
-            return _forward(model, v, slabs)[0]
+            return forward_skipping_constant_border(lambda u: _forward(model, u, slabs), v)[0]
 
         y = sign_symmetric_mean(forward, x) if sign_symmetric else forward(x)
         starts = [lo // OUTPUT_STRIDE for lo, _ in pads]
