@@ -55,7 +55,8 @@ from .search import SearchSettings, search_pose
 
 _EXTRA_KEYS = {"starts", "range_deg", "range_mm", "initial", "deformable", "control_spacing_mm", "model",
                "fixed_modality", "moving_modality", "coarse_points", "fine_points", "coarse_iterations",
-               "fine_iterations", "keep", "memory_budget_bytes", "dense", "disa_sign_symmetric", "refine"}
+               "fine_iterations", "keep", "memory_budget_bytes", "dense", "disa_sign_symmetric", "refine",
+               "coarse_x_tolerance_mm", "coarse_f_tolerance"}
 #: what ``extra["refine"]`` may name: the features of a local rigid polish after the DISA search
 #: ("disa": DISA again, on the moving image resampled at the found pose, see :func:`_resampled_polish`;
 #: "none": the DISA search's pose as it is)
