@@ -325,6 +325,8 @@ def test_bad_options_and_masks_fail_early(sample_t1, sample_t2):
         _register("mind-rigid", sample_t1, sample_t2, strats=10)
     with pytest.raises(InvalidParameterError):
         _register("mind-rigid", sample_t1, sample_t2, "sideways")
+    with pytest.raises(InvalidParameterError, match="coarse level"):  # a stopping rule that never stops
+        _register("mind-rigid", sample_t1, sample_t2, coarse_x_tolerance_mm=0.0)
     far = Volume(torch.ones(8, 8, 8), sample_t1.geometry.__class__(shape=(8, 8, 8), spacing=(1, 1, 1),
                                                                    origin=(5000.0, 5000.0, 5000.0)))
     with pytest.raises(InvalidImageError, match="mask"):

@@ -10,6 +10,7 @@ One code path for both feature kinds, so DISA and MIND-SSC are compared on ident
    (``deformable="bspline"``).
 
 Options in ``RegistrationOptions.extra``: ``starts``, ``range_deg``, ``range_mm`` (global search),
+``coarse_x_tolerance_mm``/``coarse_f_tolerance`` (when a start stops on the coarse level, :class:`.SearchSettings`),
 ``initial`` (a linear transform to start from instead of aligned image centres), ``deformable``
 ("dense" | "bspline"), ``control_spacing_mm``, ``model`` (a DISA network already loaded),
 ``fixed_modality``/``moving_modality`` ("CT" | "MR", guessed otherwise), ``disa_sign_symmetric``
