@@ -50,6 +50,11 @@ def mean_dice(a: torch.Tensor, b: torch.Tensor, labels: list[int]) -> float:
     return float(np.mean(scores))
 
 
+def _percent(value) -> str:
+    """A folding percentage, or "n/a" for a linear method (no field, nothing to fold)."""
+    return "n/a" if value is None else f"{value:.3f}%"
+
+
 def run_case(pair, case: int, args) -> dict:
     fixed, labels = pair.fixed, pair.labels
     truth = smooth_random_deformation(fixed.geometry, args.amplitude_mm, args.control_spacing_mm, seed=case)
@@ -76,7 +81,7 @@ def run_case(pair, case: int, args) -> dict:
                           "stages": {h.name: round(h.seconds, 1) for h in result.history}}
         log(f"case {case} {method}: error {record['before']['mean_error_mm']:.2f} → "
             f"{record[method]['mean_error_mm']:.2f} mm, Dice {record['before']['dice']:.3f} → "
-            f"{record[method]['dice']:.3f}, folding {record[method]['folding_percent']:.3f}%, {seconds:.0f} s")
+            f"{record[method]['dice']:.3f}, folding {_percent(record[method]['folding_percent'])}, {seconds:.0f} s")
     return record
 
 
