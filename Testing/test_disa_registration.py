@@ -157,6 +157,28 @@ def test_objective_of_linear_transforms_equals_sampling_the_mapped_points(sample
         assert torch.allclose(fast, reference, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["disa", "mind"])
+def test_gather_and_grid_sample_samplers_give_the_same_objective_and_gradient(sample_t1, sample_t2, kind):
+    """The CPU's channels-last gather against grid_sample (the GPU's sampler, run here on the CPU):
+    values and pose gradients for a batch of poses, part of each outside the moving map."""
+    pair = (disa_features if kind == "disa" else mind_features)(sample_t1, sample_t2, CPU)
+    center = torch.as_tensor(sample_t1.geometry.center, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    params = torch.cat([(torch.rand(5, 3, generator=g, dtype=torch.float64) - 0.5) * 0.6,
+                        (torch.rand(5, 3, generator=g, dtype=torch.float64) - 0.5) * 120], 1)
+    results = []
+    for sampler in ("gather", "grid_sample"):
+        objective = FeatureObjective(pair, 3000, sampler=sampler)
+        x = params.clone().requires_grad_(True)
+        value = objective.value(RigidTransform(x, center))
+        grad, = torch.autograd.grad(value.sum(), x)
+        results.append((value.detach(), grad))
+    assert torch.allclose(results[0][0], results[1][0], rtol=1e-4, atol=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-3, atol=1e-6 * float(results[1][1].abs().max()))
+    with pytest.raises(InvalidParameterError, match="sampler"):
+        FeatureObjective(pair, 3000, sampler="nearest")
+
+
 def test_feature_maps_of_the_inputs_are_not_modified(sample_t1, sample_t2):
     before = (sample_t1.data.clone(), sample_t2.data.clone())
     mind_features(sample_t1, sample_t2, CPU)

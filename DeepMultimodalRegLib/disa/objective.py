@@ -5,7 +5,9 @@
 over fixed locations p (physical LPS points of the fixed feature grid), with s the dot product
 (DISA) or minus the mean squared difference (MIND-SSC).  The moving map is sampled trilinearly at
 the transformed points, so the gradient with respect to the transform parameters comes from the
-resampling of the precomputed maps only; the CNN is never run again.
+resampling of the precomputed maps only; the CNN is never run again.  On the CPU the moving map is
+sampled by a channels-last weighted gather (:mod:`.trilinear`, 2.4–3.7× faster than ``grid_sample``
+there); on a GPU by ``grid_sample``.  Both follow the same rules and the tests compare them.
 
 Many transforms are evaluated at once (a batch of poses: the starts of a global search).  Points
 that fall outside the moving map compare with a zero vector, which, for DISA, is "no similarity".
@@ -19,6 +21,7 @@ from ..errors import InvalidParameterError
 from ..transforms.base import Transform
 from ..transforms.sampling import apply_affine, physical_to_grid_matrix, sample_grid
 from .features import FeaturePair
+from .trilinear import ChannelsLastMap
 
 
 #: fixed points drawn per kept cell of the fixed map, and the seed of their positions
@@ -73,11 +76,15 @@ class FeatureObjective:
 
     ``value(transform)`` returns [B] (higher is better), differentiable with respect to the
     transform's tensors.  ``max_points`` bounds the number of fixed locations (in the heaviest cells).
+    ``sampler``: how the moving map is read, "gather" (:mod:`.trilinear`), "grid_sample", or "auto"
+    (gather on the CPU, where it was measured faster; grid_sample elsewhere).
     """
 
-    def __init__(self, pair: FeaturePair, max_points: int | None = None):
+    def __init__(self, pair: FeaturePair, max_points: int | None = None, sampler: str = "auto"):
         if pair.comparison not in ("dot", "ssd"):
             raise InvalidParameterError(f"unknown feature comparison {pair.comparison!r}")
+        if sampler not in ("auto", "gather", "grid_sample"):
+            raise InvalidParameterError(f"sampler must be 'auto', 'gather' or 'grid_sample', got {sampler!r}")
         self.pair = pair
         device = pair.fixed.data.device
         ijk = _fixed_locations(pair, max_points).to(device)
@@ -91,12 +98,16 @@ class FeatureObjective:
         #: [N, C] fixed features at the points
         self.fixed_features = _sample_at_indices(pair.fixed.data, ijk)
         self.moving = pair.moving.data
-        self._to_grid = torch.as_tensor(physical_to_grid_matrix(pair.moving.geometry), dtype=torch.float64,
-                                        device=device)
+        # where the moving map is sampled from: rows for the CPU gather, or grid_sample's [C, D, H, W]
+        gather = sampler == "gather" or (sampler == "auto" and device.type == "cpu")
+        self._gather = ChannelsLastMap(self.moving) if gather else None
+        geometry = pair.moving.geometry
+        to_moving = geometry.physical_to_index_matrix() if self._gather is not None else physical_to_grid_matrix(geometry)
+        self._to_moving = torch.as_tensor(to_moving, dtype=torch.float64, device=device)
         # constants of value(), computed once: the points in the maps' dtype (linear transforms) and,
         # for DISA, the fixed features with the weights folded in
         self._points_lowp = self.points.to(self.moving.dtype)
-        self._weighted_fixed = (self.fixed_features * self.weights[:, None]).T.contiguous()  # [C, N]
+        self._weighted_fixed = (self.fixed_features * self.weights[:, None]).reshape(-1)  # [N·C]
         #: number of single-transform evaluations so far
         self.evaluations = 0
 
@@ -104,28 +115,35 @@ class FeatureObjective:
     def point_count(self) -> int:
         return int(self.points.shape[0])
 
-    def _grid_coordinates(self, transform: Transform) -> torch.Tensor:
-        """[B, N, 3] ``grid_sample`` coordinates in the moving map of the transformed fixed points.
+    def _moving_coordinates(self, transform: Transform) -> torch.Tensor:
+        """[B, N, 3] coordinates in the moving map of the transformed fixed points: continuous indices
+        for the CPU gather, ``grid_sample`` coordinates on a GPU.
 
-        A linear transform and the map's physical-to-grid matrix are composed first (4×4, float64),
+        A linear transform and the map's physical-to-map matrix are composed first (4×4, float64),
         so the N points go through one small matmul in the maps' dtype instead of two float64 passes;
         other transforms map the points in float64.  Same values either way (tests compare them).
         """
         if transform.is_linear:
-            h = self._to_grid @ transform.homogeneous().to(self._to_grid.dtype)  # [B, 4, 4]
+            h = self._to_moving @ transform.homogeneous().to(self._to_moving.dtype)  # [B, 4, 4]
             h = h.to(self.moving.dtype)
             return torch.einsum("nj,bij->bni", self._points_lowp, h[:, :3, :3]) + h[:, None, :3, 3]
         mapped = transform.transform_points(self.points)  # [B, N, 3] float64
-        return apply_affine(mapped, self._to_grid).to(self.moving.dtype)
+        return apply_affine(mapped, self._to_moving).to(self.moving.dtype)
+
+    def sampled_moving(self, transform: Transform) -> torch.Tensor:
+        """[B, N, C] moving features at the transformed fixed points (zero outside the moving map:
+        ITK's rule)."""
+        coordinates = self._moving_coordinates(transform)
+        if self._gather is not None:
+            return self._gather.sample(coordinates)
+        return sample_grid(self.moving, self.pair.moving.geometry, coordinates).transpose(1, 2)
 
     def value(self, transform: Transform) -> torch.Tensor:
         """[B] weighted mean similarity of each transform of the batch."""
-        grid = self._grid_coordinates(transform)
-        # points outside the moving map compare with a zero vector (ITK's rule, in sample_grid)
-        sampled = sample_grid(self.moving, self.pair.moving.geometry, grid)  # [B, C, N]
+        sampled = self.sampled_moving(transform)
         self.evaluations += transform.batch_size
         if self.pair.comparison == "dot":
-            return torch.einsum("bcn,cn->b", sampled, self._weighted_fixed).double()
-        f = self.fixed_features.T.unsqueeze(0)  # [1, C, N]
-        local = -((sampled - f) ** 2).mean(1)
+            # Σ_n Σ_c w_n f_nc m_bnc as one matrix-vector product over the flattened (n, c)
+            return (sampled.reshape(sampled.shape[0], -1) @ self._weighted_fixed).double()
+        local = -((sampled - self.fixed_features) ** 2).mean(-1)
         return (local * self.weights).sum(-1).double()

@@ -1,0 +1,117 @@
+"""Trilinear sampling of a feature map stored channels-last, as one weighted gather.
+
+The registration objective samples a 12–16-channel map at thousands of points per pose.  Stored
+[C, D, H, W] (what ``grid_sample`` reads), the C values of one corner lie in C different planes, so
+every corner of every point costs C scattered reads; PyTorch's 3-D ``grid_sample`` CPU kernel is also
+not vectorised.  Stored [D·H·W, C], a corner is one contiguous row (16 float32 = one cache line), and
+trilinear interpolation is a weighted sum of 8 rows: exactly ``embedding_bag(mode="sum")`` with the
+interpolation weights as ``per_sample_weights``, a fused, vectorised kernel.  The backward pass is
+written out (:class:`_TrilinearGather`): the derivative along each axis is the same gather with the
+derivative of the weights, three more ``embedding_bag`` calls, instead of autograd through a dozen
+broadcast products.  Points go through in chunks that stay in the cache (a batch of 64 poses of
+12,000 points would otherwise stream ~100 MB of indices and weights through memory).
+
+Same rules as :func:`..transforms.sampling.sample_grid` (tests compare the two, and with SciPy): a
+point outside ITK's inside region [-0.5, size - 0.5) per axis samples a zero vector; inside it,
+coordinates are clamped to the outermost voxel centres (``grid_sample``'s "border"), where the
+derivative is zero.  The map itself is a constant: no gradient flows to it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+#: points per chunk: indices, weights and samples of a chunk (~3 MB at 16 channels) stay in the cache
+CHUNK_POINTS = 16384
+
+
+class ChannelsLastMap:
+    """A [C, D, H, W] map kept as rows [D·H·W, C] for :meth:`sample`."""
+
+    def __init__(self, data: torch.Tensor):
+        if data.dim() != 4:
+            raise ValueError(f"expected a [C, D, H, W] map, got shape {tuple(data.shape)}")
+        c, d, h, w = data.shape
+        self.channels = c
+        self.rows = data.detach().permute(1, 2, 3, 0).reshape(-1, c).contiguous()
+        self.size = torch.tensor([w, h, d], dtype=data.dtype, device=data.device)  # x, y, z
+        # an axis of one voxel has no "+1" neighbour: its corner offset is 0 (its weight is 0 anyway)
+        step = [int(w > 1), w * int(h > 1), w * h * int(d > 1)]
+        self.offsets = torch.tensor([dz * step[2] + dy * step[1] + dx * step[0]
+                                     for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)], device=data.device)
+        self.strides = torch.tensor([1, w, w * h], device=data.device)
+
+    def sample(self, ijk: torch.Tensor) -> torch.Tensor:
+        """Trilinear samples [..., C] at continuous indices ``ijk`` [..., 3] (x, y, z), differentiable
+        with respect to ``ijk``; zero outside the map (see the module docstring)."""
+        flat = ijk.to(self.rows.dtype).reshape(-1, 3)
+        out = _TrilinearGather.apply(flat, self)
+        return out.reshape(*ijk.shape[:-1], self.channels)
+
+    def _corners(self, ijk: torch.Tensor):
+        """For points ``ijk`` [P, 3]: corner rows [P, 8], the fractional positions (fx, fy, fz) (each
+        [P], zeroed outside the map, where the corner weights must vanish: see :func:`_weights`),
+        the inside mask [P], and the mask of points whose position moves the sample (inside and not
+        clamped) [P].  Per-axis contiguous vectors: broadcasting over a strided [P, 3] is slow."""
+        xyz = ijk.T.contiguous()  # [3, P]
+        size = self.size[:, None]
+        inside = ((xyz >= -0.5) & (xyz < size - 0.5)).all(0)
+        upper = size - 1
+        clamped = torch.minimum(xyz.clamp_min(0), upper)
+        low = torch.minimum(clamped.floor(), (upper - 1).clamp_min(0))
+        frac = clamped - low
+        index = (low.long() * self.strides[:, None]).sum(0)[:, None] + self.offsets
+        moves = inside & ((xyz > 0) & (xyz < upper)).all(0)
+        return index, frac, inside, moves
+
+
+def _weights(frac: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """[P, 8] trilinear corner weights, corners ordered (z, y, x) as :attr:`ChannelsLastMap.offsets`;
+    zero for points outside the map."""
+    fx, fy, fz = frac
+    gx, gy, gz = 1 - fx, 1 - fy, 1 - fz
+    gz, fz = gz * inside, fz * inside
+    zy = (gz * gy, gz * fy, fz * gy, fz * fy)
+    return torch.stack([w for a in zy for w in (a * gx, a * fx)], 1)
+
+
+def _weight_derivatives(frac: torch.Tensor, moves: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """d(corner weights)/dx, /dy, /dz, each [P, 8]; zero where the sample does not move with the point."""
+    fx, fy, fz = frac
+    gx, gy, gz = 1 - fx, 1 - fy, 1 - fz
+    m = moves.to(frac.dtype)
+    zy = (gz * gy * m, gz * fy * m, fz * gy * m, fz * fy * m)
+    zx = (gz * gx * m, gz * fx * m, fz * gx * m, fz * fx * m)
+    yx = (gy * gx * m, gy * fx * m, fy * gx * m, fy * fx * m)
+    d_x = torch.stack([w for a in zy for w in (-a, a)], 1)
+    d_y = torch.stack([zx[0].neg(), zx[1].neg(), zx[0], zx[1], zx[2].neg(), zx[3].neg(), zx[2], zx[3]], 1)
+    d_z = torch.stack([-yx[0], -yx[1], -yx[2], -yx[3], yx[0], yx[1], yx[2], yx[3]], 1)
+    return d_x, d_y, d_z
+
+
+class _TrilinearGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ijk: torch.Tensor, grid: ChannelsLastMap) -> torch.Tensor:
+        ctx.save_for_backward(ijk)
+        ctx.grid = grid
+        out = ijk.new_empty(ijk.shape[0], grid.channels)
+        for p0 in range(0, ijk.shape[0], CHUNK_POINTS):
+            index, frac, inside, _ = grid._corners(ijk[p0:p0 + CHUNK_POINTS])
+            out[p0:p0 + CHUNK_POINTS] = F.embedding_bag(index, grid.rows, mode="sum",
+                                                        per_sample_weights=_weights(frac, inside))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        ijk, = ctx.saved_tensors
+        grid = ctx.grid
+        grad = torch.empty_like(ijk)
+        for p0 in range(0, ijk.shape[0], CHUNK_POINTS):
+            index, frac, _, moves = grid._corners(ijk[p0:p0 + CHUNK_POINTS])
+            g = grad_out[p0:p0 + CHUNK_POINTS]
+            for axis, weights in enumerate(_weight_derivatives(frac, moves)):
+                # the derivative of the sample along an axis: the same gather with the weights' derivative
+                along = F.embedding_bag(index, grid.rows, mode="sum", per_sample_weights=weights)
+                grad[p0:p0 + CHUNK_POINTS, axis] = (along * g).sum(-1)
+        return grad, None
