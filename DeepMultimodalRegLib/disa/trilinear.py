@@ -35,34 +35,43 @@ class ChannelsLastMap:
         c, d, h, w = data.shape
         self.channels = c
         self.rows = data.detach().permute(1, 2, 3, 0).reshape(-1, c).contiguous()
-        self.size = torch.tensor([w, h, d], dtype=data.dtype, device=data.device)  # x, y, z
         # an axis of one voxel has no "+1" neighbour: its corner offset is 0 (its weight is 0 anyway)
         step = [int(w > 1), w * int(h > 1), w * h * int(d > 1)]
         self.offsets = torch.tensor([dz * step[2] + dy * step[1] + dx * step[0]
                                      for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)], device=data.device)
-        self.strides = torch.tensor([1, w, w * h], device=data.device)
+        # per-axis constants as [3, 1] columns for the [3, P] coordinate rows of :meth:`_corners`
+        size = torch.tensor([[w], [h], [d]], dtype=data.dtype, device=data.device)
+        self._inside_low, self._inside_high = torch.full_like(size, -0.5), size - 0.5
+        self._upper, self._low_limit = size - 1, (size - 2).clamp_min(0)
+        # float row strides: the base row as one small matmul; exact while rows < 2**24 (float32)
+        self._strides = torch.tensor([[1.0, w, w * h]], dtype=torch.float64 if d * h * w >= 2 ** 24 else data.dtype,
+                                     device=data.device)
 
     def sample(self, ijk: torch.Tensor) -> torch.Tensor:
         """Trilinear samples [..., C] at continuous indices ``ijk`` [..., 3] (x, y, z), differentiable
         with respect to ``ijk``; zero outside the map (see the module docstring)."""
         flat = ijk.to(self.rows.dtype).reshape(-1, 3)
-        out = _TrilinearGather.apply(flat, self)
+        if torch.is_grad_enabled() and flat.requires_grad:
+            out = _TrilinearGather.apply(flat, self)
+        else:  # no autograd bookkeeping for value-only calls (line searches, the bank's ranking)
+            out = _TrilinearGather.forward(None, flat, self)
         return out.reshape(*ijk.shape[:-1], self.channels)
 
-    def _corners(self, ijk: torch.Tensor):
-        """For points ``ijk`` [P, 3]: corner rows [P, 8], the fractional positions (fx, fy, fz) (each
-        [P], zeroed outside the map, where the corner weights must vanish: see :func:`_weights`),
-        the inside mask [P], and the mask of points whose position moves the sample (inside and not
-        clamped) [P].  Per-axis contiguous vectors: broadcasting over a strided [P, 3] is slow."""
+    def _corners(self, ijk: torch.Tensor, with_moves: bool = False):
+        """For points ``ijk`` [P, 3]: corner rows [P, 8], the fractional positions (fx, fy, fz) [3, P],
+        the inside mask [P], and (``with_moves``; else None) the mask of points whose position moves
+        the sample, inside and not clamped [P].  Per-axis contiguous rows: broadcasting over a strided
+        [P, 3] is slow."""
         xyz = ijk.T.contiguous()  # [3, P]
-        size = self.size[:, None]
-        inside = ((xyz >= -0.5) & (xyz < size - 0.5)).all(0)
-        upper = size - 1
-        clamped = torch.minimum(xyz.clamp_min(0), upper)
-        low = torch.minimum(clamped.floor(), (upper - 1).clamp_min(0))
+        inside = xyz.ge(self._inside_low).logical_and_(xyz.lt(self._inside_high)).all(0)
+        clamped = torch.minimum(xyz.clamp_min(0), self._upper)
+        low = torch.minimum(clamped.floor(), self._low_limit)
         frac = clamped - low
-        index = (low.long() * self.strides[:, None]).sum(0)[:, None] + self.offsets
-        moves = inside & ((xyz > 0) & (xyz < upper)).all(0)
+        base = (self._strides @ low.to(self._strides.dtype))[0].long()
+        index = base[:, None] + self.offsets
+        moves = None
+        if with_moves:
+            moves = inside & xyz.gt(0).logical_and_(xyz.lt(self._upper)).all(0)
         return index, frac, inside, moves
 
 
@@ -93,14 +102,14 @@ def _weight_derivatives(frac: torch.Tensor, moves: torch.Tensor) -> tuple[torch.
 class _TrilinearGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ijk: torch.Tensor, grid: ChannelsLastMap) -> torch.Tensor:
-        ctx.save_for_backward(ijk)
-        ctx.grid = grid
-        out = ijk.new_empty(ijk.shape[0], grid.channels)
+        if ctx is not None:
+            ctx.save_for_backward(ijk)
+            ctx.grid = grid
+        chunks = []
         for p0 in range(0, ijk.shape[0], CHUNK_POINTS):
             index, frac, inside, _ = grid._corners(ijk[p0:p0 + CHUNK_POINTS])
-            out[p0:p0 + CHUNK_POINTS] = F.embedding_bag(index, grid.rows, mode="sum",
-                                                        per_sample_weights=_weights(frac, inside))
-        return out
+            chunks.append(F.embedding_bag(index, grid.rows, mode="sum", per_sample_weights=_weights(frac, inside)))
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -108,7 +117,7 @@ class _TrilinearGather(torch.autograd.Function):
         grid = ctx.grid
         grad = torch.empty_like(ijk)
         for p0 in range(0, ijk.shape[0], CHUNK_POINTS):
-            index, frac, _, moves = grid._corners(ijk[p0:p0 + CHUNK_POINTS])
+            index, frac, _, moves = grid._corners(ijk[p0:p0 + CHUNK_POINTS], with_moves=True)
             g = grad_out[p0:p0 + CHUNK_POINTS]
             for axis, weights in enumerate(_weight_derivatives(frac, moves)):
                 # the derivative of the sample along an axis: the same gather with the weights' derivative
