@@ -173,6 +173,9 @@ def test_gather_and_grid_sample_samplers_give_the_same_objective_and_gradient(sa
         value = objective.value(RigidTransform(x, center))
         grad, = torch.autograd.grad(value.sum(), x)
         results.append((value.detach(), grad))
+        # one pose alone (the single-pose layout of the gather) gives that pose's value in the batch
+        alone = objective.value(RigidTransform(params[2:3], center))
+        assert torch.allclose(alone, value[2:3].detach(), rtol=1e-5, atol=1e-7)
     assert torch.allclose(results[0][0], results[1][0], rtol=1e-4, atol=1e-6)
     assert torch.allclose(results[0][1], results[1][1], rtol=1e-3, atol=1e-6 * float(results[1][1].abs().max()))
     with pytest.raises(InvalidParameterError, match="sampler"):

@@ -107,6 +107,7 @@ class FeatureObjective:
         # constants of value(), computed once: the points in the maps' dtype (linear transforms) and,
         # for DISA, the fixed features with the weights folded in
         self._points_lowp = self.points.to(self.moving.dtype)
+        self._points_rows = self._points_lowp.T.contiguous()[None]  # [1, 3, N]
         self._weighted_fixed = (self.fixed_features * self.weights[:, None]).reshape(-1)  # [N·C]
         #: number of single-transform evaluations so far
         self.evaluations = 0
@@ -115,17 +116,20 @@ class FeatureObjective:
     def point_count(self) -> int:
         return int(self.points.shape[0])
 
+    def _composed(self, transform: Transform) -> torch.Tensor:
+        """[B, 4, 4] fixed-physical → moving-map matrices of a linear transform, in the maps' dtype:
+        the transform and the map's physical-to-map matrix composed in float64 first, so the N points
+        go through one small matmul in the maps' dtype instead of two float64 passes."""
+        h = self._to_moving @ transform.homogeneous().to(self._to_moving.dtype)
+        return h.to(self.moving.dtype)
+
     def _moving_coordinates(self, transform: Transform) -> torch.Tensor:
         """[B, N, 3] coordinates in the moving map of the transformed fixed points: continuous indices
-        for the CPU gather, ``grid_sample`` coordinates on a GPU.
-
-        A linear transform and the map's physical-to-map matrix are composed first (4×4, float64),
-        so the N points go through one small matmul in the maps' dtype instead of two float64 passes;
-        other transforms map the points in float64.  Same values either way (tests compare them).
-        """
+        for the CPU gather, ``grid_sample`` coordinates on a GPU.  Linear transforms go through
+        :meth:`_composed`; other transforms map the points in float64.  Same values either way
+        (tests compare them)."""
         if transform.is_linear:
-            h = self._to_moving @ transform.homogeneous().to(self._to_moving.dtype)  # [B, 4, 4]
-            h = h.to(self.moving.dtype)
+            h = self._composed(transform)
             return torch.einsum("nj,bij->bni", self._points_lowp, h[:, :3, :3]) + h[:, None, :3, 3]
         mapped = transform.transform_points(self.points)  # [B, N, 3] float64
         return apply_affine(mapped, self._to_moving).to(self.moving.dtype)
@@ -133,6 +137,12 @@ class FeatureObjective:
     def sampled_moving(self, transform: Transform) -> torch.Tensor:
         """[B, N, C] moving features at the transformed fixed points (zero outside the moving map:
         ITK's rule)."""
+        if self._gather is not None and transform.is_linear:
+            # the gather wants coordinate rows [3, B·N]: produce them directly (A·Pᵀ + t per pose)
+            h = self._composed(transform)
+            rows = torch.baddbmm(h[:, :3, 3:], h[:, :3, :3], self._points_rows.expand(h.shape[0], 3, -1))
+            rows = rows[0] if rows.shape[0] == 1 else rows.transpose(0, 1).reshape(3, -1)
+            return self._gather.sample_columns(rows).reshape(h.shape[0], -1, self._gather.channels)
         coordinates = self._moving_coordinates(transform)
         if self._gather is not None:
             return self._gather.sample(coordinates)

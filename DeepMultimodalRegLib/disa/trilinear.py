@@ -50,23 +50,26 @@ class ChannelsLastMap:
     def sample(self, ijk: torch.Tensor) -> torch.Tensor:
         """Trilinear samples [..., C] at continuous indices ``ijk`` [..., 3] (x, y, z), differentiable
         with respect to ``ijk``; zero outside the map (see the module docstring)."""
-        flat = ijk.to(self.rows.dtype).reshape(-1, 3)
-        if torch.is_grad_enabled() and flat.requires_grad:
-            out = _TrilinearGather.apply(flat, self)
-        else:  # no autograd bookkeeping for value-only calls (line searches, the bank's ranking)
-            out = _TrilinearGather.forward(None, flat, self)
+        out = self.sample_columns(ijk.to(self.rows.dtype).reshape(-1, 3).T)
         return out.reshape(*ijk.shape[:-1], self.channels)
 
-    def _corners(self, ijk: torch.Tensor, with_moves: bool = False):
-        """For points ``ijk`` [P, 3]: corner rows [P, 8], the fractional positions (fx, fy, fz) [3, P],
+    def sample_columns(self, xyz: torch.Tensor) -> torch.Tensor:
+        """:meth:`sample` for coordinates given as rows [3, P] (x, y, z): samples [P, C].  The layout
+        the per-axis arithmetic wants; a caller that can produce it directly saves a transpose."""
+        xyz = xyz.to(self.rows.dtype).contiguous()
+        if torch.is_grad_enabled() and xyz.requires_grad:
+            return _TrilinearGather.apply(xyz, self)
+        return _TrilinearGather.forward(None, xyz, self)  # no autograd bookkeeping for value-only calls
+
+    def _corners(self, xyz: torch.Tensor, with_moves: bool = False):
+        """For points ``xyz`` [3, P]: corner rows [P, 8], the fractional positions (fx, fy, fz) [3, P],
         the inside mask [P], and (``with_moves``; else None) the mask of points whose position moves
         the sample, inside and not clamped [P].  Per-axis contiguous rows: broadcasting over a strided
         [P, 3] is slow."""
-        xyz = ijk.T.contiguous()  # [3, P]
         inside = xyz.ge(self._inside_low).logical_and_(xyz.lt(self._inside_high)).all(0)
         clamped = torch.minimum(xyz.clamp_min(0), self._upper)
         low = torch.minimum(clamped.floor(), self._low_limit)
-        frac = clamped - low
+        frac = clamped.sub_(low)
         base = (self._strides @ low.to(self._strides.dtype))[0].long()
         index = base[:, None] + self.offsets
         moves = None
@@ -77,12 +80,12 @@ class ChannelsLastMap:
 
 def _weights(frac: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
     """[P, 8] trilinear corner weights, corners ordered (z, y, x) as :attr:`ChannelsLastMap.offsets`;
-    zero for points outside the map."""
-    fx, fy, fz = frac
-    gx, gy, gz = 1 - fx, 1 - fy, 1 - fz
-    gz, fz = gz * inside, fz * inside
-    zy = (gz * gy, gz * fy, fz * gy, fz * fy)
-    return torch.stack([w for a in zy for w in (a * gx, a * fx)], 1)
+    zero for points outside the map.  Built as an outer product of the per-axis pairs (1 − f, f):
+    four tensor operations instead of a dozen, which is what a 12,000-point evaluation pays for."""
+    pairs = torch.stack((1 - frac, frac), 1)  # [3 axes (x, y, z), 2, P]
+    pairs[2].mul_(inside)
+    zy = pairs[2][:, None] * pairs[1][None]  # [2 (z), 2 (y), P]
+    return (zy[:, :, None] * pairs[0][None, None]).reshape(8, -1).T.contiguous()
 
 
 def _weight_derivatives(frac: torch.Tensor, moves: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -101,26 +104,26 @@ def _weight_derivatives(frac: torch.Tensor, moves: torch.Tensor) -> tuple[torch.
 
 class _TrilinearGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ijk: torch.Tensor, grid: ChannelsLastMap) -> torch.Tensor:
+    def forward(ctx, xyz: torch.Tensor, grid: ChannelsLastMap) -> torch.Tensor:
         if ctx is not None:
-            ctx.save_for_backward(ijk)
+            ctx.save_for_backward(xyz)
             ctx.grid = grid
         chunks = []
-        for p0 in range(0, ijk.shape[0], CHUNK_POINTS):
-            index, frac, inside, _ = grid._corners(ijk[p0:p0 + CHUNK_POINTS])
+        for p0 in range(0, xyz.shape[1], CHUNK_POINTS):
+            index, frac, inside, _ = grid._corners(xyz[:, p0:p0 + CHUNK_POINTS])
             chunks.append(F.embedding_bag(index, grid.rows, mode="sum", per_sample_weights=_weights(frac, inside)))
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        ijk, = ctx.saved_tensors
+        xyz, = ctx.saved_tensors
         grid = ctx.grid
-        grad = torch.empty_like(ijk)
-        for p0 in range(0, ijk.shape[0], CHUNK_POINTS):
-            index, frac, _, moves = grid._corners(ijk[p0:p0 + CHUNK_POINTS], with_moves=True)
+        grad = torch.empty_like(xyz)
+        for p0 in range(0, xyz.shape[1], CHUNK_POINTS):
+            index, frac, _, moves = grid._corners(xyz[:, p0:p0 + CHUNK_POINTS], with_moves=True)
             g = grad_out[p0:p0 + CHUNK_POINTS]
             for axis, weights in enumerate(_weight_derivatives(frac, moves)):
                 # the derivative of the sample along an axis: the same gather with the weights' derivative
                 along = F.embedding_bag(index, grid.rows, mode="sum", per_sample_weights=weights)
-                grad[p0:p0 + CHUNK_POINTS, axis] = (along * g).sum(-1)
+                grad[axis, p0:p0 + CHUNK_POINTS] = (along * g).sum(-1)
         return grad, None
