@@ -353,7 +353,7 @@ def measure_approximation(model, args, device) -> dict:
         if args.teacher:  # the distillation teacher's own map: what a network distilled from it aims at
             desc[name] = teacher_map(args.teacher, scans[name]).to(device)
         else:
-            desc[name], _ = compute_descriptors(model, scans[name], device)
+            desc[name], _ = compute_descriptors(model, scans[name], device, sign_symmetric=args.sign_symmetric)
         sync(device)
         extraction[name] = {"shape": list(scans[name].shape), "descriptor_shape": list(desc[name].shape[1:]),
                             "seconds": round(time.perf_counter() - start, 3),
@@ -698,6 +698,9 @@ def parse_args(argv=None):
                                       "shipped network, e.g. out/disa_run1/disa.pt")
     ap.add_argument("--teacher", help="part 1 only: measure a training teacher (teacher.pt of a `train disa "
                     "--distil-steps` run) instead of a network")
+    ap.add_argument("--sign-symmetric", action="store_true",
+                    help="part 1: score ½(φ(x) + φ(−x)), the descriptors the registration engine uses, instead of "
+                         "the plain network output")
     ap.add_argument("--random-init", action="store_true", help="measure a randomly initialised DISANet (dry runs)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (parts 1, 3, 4; part 2 times the CPU and "
                                                      "CUDA when usable)")
@@ -753,6 +756,8 @@ def main(argv=None) -> dict:
     if 1 in args.parts:
         t0 = time.perf_counter()
         result["approximation"] = measure_approximation(model, args, device)
+        result["approximation"]["descriptors"] = ("sign-symmetric ½(φ(x) + φ(−x)), as registration uses them"
+                                                  if args.sign_symmetric else "plain network output φ(x)")
         timings["approximation"] = round(time.perf_counter() - t0, 1)
     if 2 in args.parts:
         t0 = time.perf_counter()
