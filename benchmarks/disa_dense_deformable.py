@@ -72,7 +72,8 @@ def run_case(pair, case: int, args) -> dict:
                          "dice": mean_dice(moving_labels.data.round(), labels.data, present)}}
     for method in args.methods:
         started = time.perf_counter()
-        result = get_method(method).runner(fixed, moving, RegistrationOptions(device=args.device, seed=case))
+        extra = {"affine_weighting": args.affine_weighting} if args.affine_weighting else {}
+        result = get_method(method).runner(fixed, moving, RegistrationOptions(device=args.device, seed=case, extra=extra))
         seconds = time.perf_counter() - started
         warped_labels = warp_volume(moving_labels, result.transform, fixed.geometry, interpolation="nearest")
         record[method] = {"mean_error_mm": target_registration_error(result.transform, truth, pair.points)["mean_mm"],
@@ -91,6 +92,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--amplitude-mm", type=float, default=8.0, help="largest displacement of the known field")
     parser.add_argument("--control-spacing-mm", type=float, default=60.0)
     parser.add_argument("--methods", default="disa-deformable,mind-deformable")
+    parser.add_argument("--affine-weighting", choices=("support", "variance"), default=None,
+                        help="weights of the affine stage (default: each method's own, see disa/register.py)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")

@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "optimum when the images are turned far apart; a global search also spreads its starts over "
                         "turned copies of the fixed image); mind = on MIND-SSC features (also used for the "
                         "affine/deformable stages); none = the DISA search's pose as it is (fastest)")
+    r.add_argument("--affine-weighting", choices=("support", "variance"),
+                   help="disa-/mind-affine|deformable: weights of the affine stage: support = equal wherever the fixed "
+                        "image has structure (the default on DISA features: variance weights let the head's rim set "
+                        "the scale), variance = LC²'s local variance (the default on MIND-SSC features)")
     # --- rso (issue 5)
     r.add_argument("--weights", type=Path, help="deep: general-model weights (default: the shipped `general`); msode-*: a trained MS-ODE model "
                         "(none ships yet)")
@@ -244,7 +248,7 @@ def cmd_register(args) -> int:
     masks = {k: read_volume(getattr(args, k)) if getattr(args, k) else None for k in ("fixed_mask", "moving_mask")}
     bar = TqdmProgress(args.method)
     try:
-        extra = {k: getattr(args, k) for k in ("starts", "range_deg", "range_mm", "refine")
+        extra = {k: getattr(args, k) for k in ("starts", "range_deg", "range_mm", "refine", "affine_weighting")
                  if getattr(args, k, None) is not None}
         # --- rso (issue 5): deep-method settings
         if getattr(args, "weights", None) is not None:

@@ -124,6 +124,22 @@ def location_weights(prepared_fixed: Volume, stride: int, fixed_mask: Optional[V
     return weight
 
 
+#: :func:`support_weights` counts a location when its LC² weight is at least this share of the largest
+SUPPORT_FLOOR = 1e-3
+
+
+def support_weights(weight: torch.Tensor, floor: float = SUPPORT_FLOOR) -> torch.Tensor:
+    """Equal weights over the locations that carry any structure (LC² weight ≥ ``floor`` × its maximum;
+    zero elsewhere, so a user mask still applies).  Why: weighted by local variance, the head's outer
+    boundary (air against skin, the largest variance there is) dominates the objective, and where the
+    descriptors of two contrasts place that boundary 1–3% apart, an affine search turns that into a
+    scale error (docs/benchmarks.md, "affine scale bias"); equal weights let the interior anatomy
+    decide the scale."""
+    if not 0.0 <= floor < 1.0:
+        raise InvalidParameterError(f"the support floor must lie in [0, 1), got {floor!r}")
+    return (weight >= floor * weight.max()).logical_and_(weight > 0).to(weight.dtype)
+
+
 def _masked_moving(prepared: Volume, moving_mask: Optional[Volume]) -> Volume:
     """Outside the moving mask the moving image is set to its background level before features are made."""
     mask = _mask_on(moving_mask, prepared.geometry, "moving")

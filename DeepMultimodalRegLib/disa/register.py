@@ -19,7 +19,10 @@ Options in ``RegistrationOptions.extra``: ``starts``, ``range_deg``, ``range_mm`
 moving image resampled at the found pose, see :func:`_resampled_polish`, and with a global search
 the starts spread over a bank of turned copies of the fixed image, :mod:`.orientation_bank`;
 "mind": after the DISA rigid search, a local rigid search on MIND-SSC features from its pose, and
-MIND-SSC for the later stages too; "none": the DISA search's pose as it is).
+MIND-SSC for the later stages too; "none": the DISA search's pose as it is), ``affine_weighting``
+(the weights of the affine stage: "support", the default on DISA features, equal weights wherever the
+fixed image has structure, :func:`.features.support_weights`; "variance", the default on MIND-SSC
+features, LC²'s local-variance weights as in the rigid stage).
 
 Why ``refine="mind"``: the earlier DISA weights (until 2026-11-22) found the right basin from far
 away (global search) but their optimum lay up to ~2–3 mm from the true pose on some contrast
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import numpy as np
 import torch
@@ -48,7 +51,7 @@ from ..result import RegistrationResult, RegistrationStep
 from ..transforms.composite import CompositeTransform
 from ..transforms.linear import LinearTransform, RigidTransform
 from ..transforms.resample import warp_volume
-from .features import FeaturePair, feature_pair
+from .features import FeaturePair, feature_pair, support_weights
 from .objective import FeatureObjective
 from .parametrization import (AffineParametrization, PoseWithBSpline, RigidParametrization, coordinates_of,
                               nearest_rotation_pose)
@@ -57,7 +60,7 @@ from .search import SearchSettings, search_pose
 _EXTRA_KEYS = {"starts", "range_deg", "range_mm", "initial", "deformable", "control_spacing_mm", "model",
                "fixed_modality", "moving_modality", "coarse_points", "fine_points", "coarse_iterations",
                "fine_iterations", "keep", "memory_budget_bytes", "dense", "disa_sign_symmetric", "refine",
-               "coarse_x_tolerance_mm", "coarse_f_tolerance"}
+               "coarse_x_tolerance_mm", "coarse_f_tolerance", "affine_weighting"}
 #: what ``extra["refine"]`` may name: the features of a local rigid polish after the DISA search
 #: ("disa": DISA again, on the moving image resampled at the found pose, see :func:`_resampled_polish`;
 #: "none": the DISA search's pose as it is)
@@ -65,6 +68,14 @@ REFINEMENTS = ("disa", "mind", "none")
 #: disa-* polish by default: on every measured case it ended nearer the truth than the plain search
 #: (Kirby21 T2/FLAIR 0.5–0.6 mm against 1–7 mm with the images turned; docs/benchmarks.md)
 DEFAULT_REFINE = "disa"
+#: what ``extra["affine_weighting"]`` may name, and each kind's default.  DISA's affine stage uses equal
+#: weights: with LC²'s variance weights the head's rim set the scale and the 5%-scaling test case ended
+#: 2.2 mm (T2) / 1.6 mm (FLAIR) off, with equal weights 1.25 / 1.05 mm; MIND-SSC is as good either
+#: way (0.54 / 0.43 mm with variance weights, 0.61 / 0.52 mm equal) and keeps the rigid stage's weights
+#: (docs/benchmarks.md, "affine scale bias")
+AFFINE_WEIGHTINGS = ("support", "variance")
+#: keyed by the features the affine stage runs on (after refine="mind", a disa-* run's are MIND-SSC's)
+DEFAULT_AFFINE_WEIGHTING = {"dot": "support", "ssd": "variance"}
 
 
 def _boxes_overlap(a: Volume, b: Volume) -> bool:
@@ -100,6 +111,10 @@ def _check_extra(options: RegistrationOptions) -> None:
     mode = options.extra.get("deformable", "dense")
     if mode not in ("dense", "bspline"):
         raise InvalidParameterError(f"deformable must be 'dense' or 'bspline', got {mode!r}")
+    weighting = options.extra.get("affine_weighting", "support")
+    if weighting not in AFFINE_WEIGHTINGS:
+        raise InvalidParameterError(f"affine_weighting must be {' or '.join(map(repr, AFFINE_WEIGHTINGS))}, "
+                                    f"got {weighting!r}")
     initial = options.extra.get("initial")
     if initial is not None and not isinstance(initial, LinearTransform):
         raise InvalidParameterError("the initial transform must be a linear (rigid or affine) transform")
@@ -224,12 +239,15 @@ def _register(kind: str, mode: str, fixed: Volume, moving: Volume, options: Regi
     if mode in ("affine", "deformable"):
         t1 = time.perf_counter()
         affine_p = AffineParametrization(center, radius)
-        outcome = search_pose(pair, affine_p, affine_p.initial(transform), local, options.seed,
+        weighting = extra.get("affine_weighting", DEFAULT_AFFINE_WEIGHTING[pair.comparison])
+        affine_pair = pair if weighting == "variance" else replace(pair, weight=support_weights(pair.weight))
+        outcome = search_pose(affine_pair, affine_p, affine_p.initial(transform), local, options.seed,
                               scope.sub(0.6, 0.75 if mode == "deformable" else 1.0), options.cancel)
         transform = affine_p.transform(outcome.x)
         evaluations += outcome.evaluations
         history.append(RegistrationStep("affine (local)", time.perf_counter() - t1, outcome.iterations,
-                                        {"evaluations": outcome.evaluations, "similarity": outcome.similarity}))
+                                        {"evaluations": outcome.evaluations, "similarity": outcome.similarity,
+                                         "weighting": weighting}))
     if mode == "deformable":
         transform, step = _deformable(pair, transform, fixed, extra, local, options, scope.sub(0.75, 1.0), center,
                                       radius)
