@@ -12,6 +12,14 @@ SAMPLE_DIR = REPO / "Resources" / "SampleData"
 SHARED_DATA = Path(os.environ.get("DEEPMMREG_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def require_shared_data() -> Path:
+    """The shared data folder, for tests whose library calls find it by themselves (training recipes
+    read every scan of ../shared/data); skips with the reason if this checkout has none."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"the shared data folder {SHARED_DATA} is absent (set DEEPMMREG_SHARED_DATA)")
+    return SHARED_DATA
+
+
 def shared_scan(relative: str) -> Path:
     """A real scan from ../shared/data (skips with the reason if this checkout has none)."""
     path = SHARED_DATA / relative

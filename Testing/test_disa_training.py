@@ -14,6 +14,7 @@ from DeepMultimodalRegLib.training.disa_sampler import (CROP, Augmentation, equa
                                                         sample_dense_crop_pair, site_indices,
                                                         t_sampling_weights, targets_against_all_sites)
 from DeepMultimodalRegLib.training.disa_train import dense_loss
+from conftest import require_shared_data  # the Testing folder is on the path
 
 
 @pytest.fixture(scope="module")
@@ -406,6 +407,7 @@ def test_prepared_label_maps_lie_on_their_scans(tmp_path):
     left cerebral white matter (label 2) is brighter than the left cortex (3)."""
     from DeepMultimodalRegLib.training.scans import load_prepared_labels, load_prepared_scans
 
+    require_shared_data()
     scans = {k: v for k, v in load_prepared_scans(None, "train", 2.0, tmp_path).items()
              if k in ("mni152_t1", "voxelmorph_t1")}
     labels = load_prepared_labels(scans, None, tmp_path)

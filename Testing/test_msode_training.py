@@ -13,6 +13,7 @@ from DeepMultimodalRegLib.msode.model import MSODE, MSODEConfig
 from DeepMultimodalRegLib.msode.solvers import parse_solvers
 from DeepMultimodalRegLib.training.msode_data import Anatomy, make_batch
 from DeepMultimodalRegLib.training.msode_train import MSODETrainingConfig, loss_terms, train_msode
+from conftest import require_shared_data  # the Testing folder is on the path
 
 
 def phantom_anatomy(size=16, spacing=10.0, seed=0) -> Anatomy:
@@ -282,6 +283,7 @@ def test_training_anatomies_include_a_whole_head_upright_like_mni152():
     from DeepMultimodalRegLib.msode.grids import resample_onto
     from DeepMultimodalRegLib.training.msode_data import raw_anatomies
 
+    require_shared_data()
     anatomies = {name: (image, labels) for name, image, labels in raw_anatomies()}
     assert {"voxelmorph_t1", "mni152_t1", "colin27_t1"} <= set(anatomies)
     colin, aal = anatomies["colin27_t1"]
@@ -302,6 +304,7 @@ def test_prepared_anatomies_are_cached_and_travel_packed(tmp_path):
     from DeepMultimodalRegLib.training.msode_data import ANATOMY_NAMES, load_prepared_anatomies
     from DeepMultimodalRegLib.training.scan_cache import pack_cache, unpack_cache
 
+    require_shared_data()
     cache = tmp_path / "run" / "prepared_anatomies"
     first = load_prepared_anatomies(None, 16, 16.0, cache)
     assert [a.name for a in first] == list(ANATOMY_NAMES) and len(list(cache.glob("*.pt"))) == 3
