@@ -125,6 +125,17 @@ def test_argument_errors_exit_2(capsys):
     assert exc.value.code == 2
 
 
+def test_affine_weighting_choices_are_the_engines():
+    """The CLI spells the choices out (its parser stays free of the torch-heavy engine import); they
+    must be the engine's."""
+    from DeepMultimodalRegLib.cli.main import build_parser
+    from DeepMultimodalRegLib.disa.register import AFFINE_WEIGHTINGS
+
+    register = build_parser()._subparsers._group_actions[0].choices["register"]
+    option = next(a for a in register._actions if "--affine-weighting" in a.option_strings)
+    assert tuple(option.choices) == AFFINE_WEIGHTINGS
+
+
 def test_models_lists_the_manifest(capsys):
     assert main(["models", "--json"]) == 0
     entries = json.loads(capsys.readouterr().out)

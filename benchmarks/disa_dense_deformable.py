@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from DeepMultimodalRegLib.disa.register import AFFINE_WEIGHTINGS
 from DeepMultimodalRegLib.evaluation import target_registration_error
 from DeepMultimodalRegLib.methods.registry import RegistrationOptions, get_method
 from DeepMultimodalRegLib.synthetic import invert_displacement, smooth_random_deformation
@@ -92,7 +93,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--amplitude-mm", type=float, default=8.0, help="largest displacement of the known field")
     parser.add_argument("--control-spacing-mm", type=float, default=60.0)
     parser.add_argument("--methods", default="disa-deformable,mind-deformable")
-    parser.add_argument("--affine-weighting", choices=("support", "variance"), default=None,
+    parser.add_argument("--affine-weighting", choices=AFFINE_WEIGHTINGS, default=None,
                         help="weights of the affine stage (default: each method's own, see disa/register.py)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)

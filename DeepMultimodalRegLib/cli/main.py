@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "optimum when the images are turned far apart; a global search also spreads its starts over "
                         "turned copies of the fixed image); mind = on MIND-SSC features (also used for the "
                         "affine/deformable stages); none = the DISA search's pose as it is (fastest)")
+    # the engine's AFFINE_WEIGHTINGS, spelled out to keep --help free of the torch-heavy engine (tested)
     r.add_argument("--affine-weighting", choices=("support", "variance"),
                    help="disa-/mind-affine|deformable: weights of the affine stage: support = equal wherever the fixed "
                         "image has structure (the default on DISA features: variance weights let the head's rim set "

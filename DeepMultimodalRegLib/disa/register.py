@@ -70,9 +70,9 @@ REFINEMENTS = ("disa", "mind", "none")
 DEFAULT_REFINE = "disa"
 #: what ``extra["affine_weighting"]`` may name, and each kind's default.  DISA's affine stage uses equal
 #: weights: with LC²'s variance weights the head's rim set the scale and the 5%-scaling test case ended
-#: 2.2 mm (T2) / 1.6 mm (FLAIR) off, with equal weights 1.25 / 1.05 mm; MIND-SSC is as good either
+#: 2.2 mm (T2) / 1.6 mm (FLAIR) off, with equal weights 1.26 / 1.04 mm; MIND-SSC is as good either
 #: way (0.54 / 0.43 mm with variance weights, 0.61 / 0.52 mm equal) and keeps the rigid stage's weights
-#: (docs/benchmarks.md, "affine scale bias")
+#: (benchmarks/disa_affine_scaling.py)
 AFFINE_WEIGHTINGS = ("support", "variance")
 #: keyed by the features the affine stage runs on (after refine="mind", a disa-* run's are MIND-SSC's)
 DEFAULT_AFFINE_WEIGHTING = {"dot": "support", "ssd": "variance"}
