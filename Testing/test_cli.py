@@ -125,15 +125,16 @@ def test_argument_errors_exit_2(capsys):
     assert exc.value.code == 2
 
 
-def test_affine_weighting_choices_are_the_engines():
+def test_affine_weighting_and_descriptor_stride_choices_are_the_engines():
     """The CLI spells the choices out (its parser stays free of the torch-heavy engine import); they
     must be the engine's."""
     from DeepMultimodalRegLib.cli.main import build_parser
-    from DeepMultimodalRegLib.disa.register import AFFINE_WEIGHTINGS
+    from DeepMultimodalRegLib.disa.register import AFFINE_WEIGHTINGS, DENSE_DESCRIPTOR_STRIDES
 
     register = build_parser()._subparsers._group_actions[0].choices["register"]
-    option = next(a for a in register._actions if "--affine-weighting" in a.option_strings)
-    assert tuple(option.choices) == AFFINE_WEIGHTINGS
+    options = {s: a for a in register._actions for s in a.option_strings}
+    assert tuple(options["--affine-weighting"].choices) == AFFINE_WEIGHTINGS
+    assert set(options["--dense-descriptor-stride"].choices) == set(DENSE_DESCRIPTOR_STRIDES)
 
 
 def test_models_lists_the_manifest(capsys):

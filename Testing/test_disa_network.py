@@ -278,6 +278,71 @@ def test_a_constant_border_is_skipped_with_the_same_descriptors(model, t1_block,
     assert torch.allclose(via_library, trimmed[0], rtol=0, atol=1e-6)
 
 
+# ---------------------------------------------------------------------------- à trous (output stride 2)
+def test_a_trous_map_is_the_trained_map_at_even_sites_and_the_shifted_network_at_odd_sites(model64):
+    """Oracles: the stride-4 network itself.  Even sites of the stride-2 map are its output; the site
+    (2k+1, 2j+1, 2i+1) is its output on the input shifted by 2 voxels along every axis (interior only,
+    where neither pass sees the border)."""
+    torch.manual_seed(11)
+    x = torch.randn(1, 1, 67, 66, 69, dtype=torch.float64)
+    with torch.no_grad():
+        trained = model64(x)
+        fine = model64(x, output_stride=2)
+        shifted = model64(x[:, :, 2:, 2:, 2:])
+    assert fine.shape == (1, 16, 34, 33, 35)
+    assert torch.allclose(fine[:, :, ::2, ::2, ::2], trained, rtol=0, atol=1e-12)
+    half = RECEPTIVE_FIELD // 2
+    inside = [[k for k in range(m) if 4 * k + 2 - half >= 2 and 4 * k + 2 + half <= n - 1]
+              for n, m in zip(x.shape[2:], shifted.shape[2:])]
+    assert all(len(r) >= 3 for r in inside)
+    z, y, w = (slice(r[0], r[-1] + 1) for r in inside)
+    odd = fine[:, :, 1::2, 1::2, 1::2]
+    assert torch.allclose(odd[:, :, z, y, w], shifted[:, :, z, y, w], rtol=0, atol=1e-12)
+    assert (odd[:, :, z, y, w] - trained[:, :, z, y, w]).abs().max() > 1e-3  # new sites, not copies
+    with pytest.raises(InvalidParameterError, match="output stride"):
+        model64(x, output_stride=3)
+
+
+def test_a_trous_descriptors_through_the_library_keep_grid_slabs_border_and_padding(model, t1_block, monkeypatch):
+    from DeepMultimodalRegLib.networks import disa_border
+
+    data = t1_block[:61, :49, :50].contiguous()
+    volume = Volume(data, ImageGeometry(shape=data.shape, spacing=(2.0, 2.0, 2.0), origin=(1.0, -2.0, 3.0)))
+    one, grid = compute_descriptors(model, volume, device="cpu", output_stride=2)
+    assert grid == descriptor_geometry(volume.geometry, 2)
+    assert one.shape == (16, 31, 25, 25) and np.allclose(grid.spacing, (4.0, 4.0, 4.0))
+    assert grid.origin == volume.geometry.origin
+    coarse, _ = compute_descriptors(model, volume, device="cpu")
+    assert torch.allclose(one[:, ::2, ::2, ::2], coarse, rtol=0, atol=1e-6)
+    slabs, _ = compute_descriptors(model, volume, device="cpu", chunk=20, output_stride=2, sign_symmetric=True)
+    sym, _ = compute_descriptors(model, volume, device="cpu", output_stride=2, sign_symmetric=True)
+    assert torch.allclose(slabs, sym, rtol=0, atol=1e-6)
+    # a volume thinner than the receptive field: padded, then cropped back on the stride-2 grid
+    thin = Volume(data[:10].contiguous(), ImageGeometry(shape=(10, 49, 50), spacing=(2.0, 2.0, 2.0)))
+    small, _ = compute_descriptors(model, thin, device="cpu", output_stride=2)
+    padded, pads = pad_to_receptive_field(thin.data[None, None])
+    with torch.no_grad():
+        by_hand = model(padded, output_stride=2)[0]
+    z0 = pads[0][0] // 2
+    assert small.shape == (16, 5, 25, 25) and torch.allclose(small, by_hand[:, z0:z0 + 5], rtol=0, atol=1e-6)
+    # a wide constant border is skipped with the same descriptors inside
+    monkeypatch.setattr(disa_border, "MAX_CROP_FRACTION", 0.9)
+    content = t1_block[:24, :24, :24]
+    x = torch.nn.functional.pad(content, (16, 16, 16, 16, 70, 62), value=float(content.min()) - 1.0)
+    bordered = Volume(x, ImageGeometry(shape=tuple(x.shape), spacing=(2.0, 2.0, 2.0)))
+    trimmed, _ = compute_descriptors(model, bordered, device="cpu", output_stride=2)
+    with torch.no_grad():
+        full = model(x[None, None], output_stride=2)[0]
+    half = RECEPTIVE_FIELD // 2
+    inside = [[k for k in range(m) if 2 * k - half >= 0 and 2 * k + half <= n - 1]
+              for n, m in zip(x.shape, trimmed.shape[1:])]
+    z, y, w = (slice(r[0], r[-1] + 1) for r in inside)
+    assert trimmed.shape == full.shape == (16, 78, 28, 28)
+    assert torch.allclose(trimmed[:, z, y, w], full[:, z, y, w], rtol=0, atol=1e-5)
+    with pytest.raises(InvalidParameterError, match="output stride"):
+        compute_descriptors(model, volume, device="cpu", output_stride=1)
+
+
 def test_a_volume_without_constant_border_takes_the_plain_pass(model, t1_block):
     from DeepMultimodalRegLib.networks import disa_border
 

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="disa-/mind-affine|deformable: weights of the affine stage: support = equal wherever the fixed "
                         "image has structure (the default on DISA features: variance weights let the head's rim set "
                         "the scale), variance = LC²'s local variance (the default on MIND-SSC features)")
+    # the engine's DENSE_DESCRIPTOR_STRIDES, spelled out for the same reason (tested)
+    r.add_argument("--dense-descriptor-stride", type=int, choices=(2, 4),
+                   help="disa-deformable: DISA descriptors of the dense stage every 2 (the default: 4 mm, the network "
+                        "run a trous, ~4x the feature time) or 4 voxels (8 mm, as the linear stages use)")
     # --- rso (issue 5)
     r.add_argument("--weights", type=Path, help="deep: general-model weights (default: the shipped `general`); msode-*: a trained MS-ODE model "
                         "(none ships yet)")
@@ -249,7 +253,8 @@ def cmd_register(args) -> int:
     masks = {k: read_volume(getattr(args, k)) if getattr(args, k) else None for k in ("fixed_mask", "moving_mask")}
     bar = TqdmProgress(args.method)
     try:
-        extra = {k: getattr(args, k) for k in ("starts", "range_deg", "range_mm", "refine", "affine_weighting")
+        extra = {k: getattr(args, k) for k in ("starts", "range_deg", "range_mm", "refine", "affine_weighting",
+                                               "dense_descriptor_stride")
                  if getattr(args, k, None) is not None}
         # --- rso (issue 5): deep-method settings
         if getattr(args, "weights", None) is not None:

@@ -152,36 +152,45 @@ def _masked_moving(prepared: Volume, moving_mask: Optional[Volume]) -> Volume:
 def disa_features(fixed: Volume, moving: Volume, device: torch.device, model: Optional[torch.nn.Module] = None,
                   fixed_mask: Optional[Volume] = None, moving_mask: Optional[Volume] = None,
                   fixed_modality: str | None = None, moving_modality: str | None = None,
-                  sign_symmetric: bool = True) -> FeaturePair:
+                  sign_symmetric: bool = True, output_stride: int = OUTPUT_STRIDE) -> FeaturePair:
     """DISA descriptors of both volumes at the network's 2 mm spacing (descriptor grid 8 mm).
 
     ``sign_symmetric`` (default): descriptors averaged over the image and its negative
     (:func:`~DeepMultimodalRegLib.networks.disa_net.compute_descriptors`), which brings the
     similarity's optimum closer to the true pose on real contrasts; False gives the raw network.
+    ``output_stride`` 2: the network run à trous, descriptors every 4 mm (the dense deformable
+    stage's input; about 4× the time).
     """
     import time
 
     start = time.perf_counter()
     model = model if model is not None else load_disa_network("disa", device=device)
-    phi_f, grid_f, weight = _disa_fixed_map(model, fixed, device, fixed_mask, fixed_modality, sign_symmetric)
+    phi_f, grid_f, weight = _disa_fixed_map(model, fixed, device, fixed_mask, fixed_modality, sign_symmetric,
+                                            output_stride)
     common = centring_vector(phi_f, weight)
-    moving_map = _disa_moving_map(model, moving, device, moving_mask, moving_modality, sign_symmetric, common)
-    return FeaturePair(FeatureMap(phi_f - common, grid_f), moving_map, weight, "dot", 1, "DISA",
-                       time.perf_counter() - start, centre=common)
+    moving_map = _disa_moving_map(model, moving, device, moving_mask, moving_modality, sign_symmetric, common,
+                                  output_stride)
+    name = "DISA" if output_stride == OUTPUT_STRIDE else f"DISA (stride {output_stride}, {DISA_SPACING_MM * output_stride:g} mm)"
+    # the coarse search level pools to about 16 mm blocks whatever the map's own spacing
+    return FeaturePair(FeatureMap(phi_f - common, grid_f), moving_map, weight, "dot", 1, name,
+                       time.perf_counter() - start, coarse_factor=2 * OUTPUT_STRIDE // output_stride, centre=common)
 
 
 def _disa_fixed_map(model: torch.nn.Module, fixed: Volume, device: torch.device, fixed_mask: Optional[Volume],
-                    fixed_modality: str | None, sign_symmetric: bool):
+                    fixed_modality: str | None, sign_symmetric: bool, output_stride: int = OUTPUT_STRIDE):
     """Uncentred fixed descriptors, their grid and the LC² weight of every descriptor location."""
     f = prepare_for_disa(fixed, DISA_SPACING_MM, fixed_modality)
-    phi_f, grid_f = compute_descriptors(model, f.to(device), device, sign_symmetric=sign_symmetric)
-    return phi_f, grid_f, location_weights(f, OUTPUT_STRIDE, fixed_mask, grid_f).to(phi_f.device)
+    phi_f, grid_f = compute_descriptors(model, f.to(device), device, sign_symmetric=sign_symmetric,
+                                        output_stride=output_stride)
+    return phi_f, grid_f, location_weights(f, output_stride, fixed_mask, grid_f).to(phi_f.device)
 
 
 def _disa_moving_map(model: torch.nn.Module, moving: Volume, device: torch.device, moving_mask: Optional[Volume],
-                     moving_modality: str | None, sign_symmetric: bool, common: torch.Tensor) -> FeatureMap:
+                     moving_modality: str | None, sign_symmetric: bool, common: torch.Tensor,
+                     output_stride: int = OUTPUT_STRIDE) -> FeatureMap:
     m = _masked_moving(prepare_for_disa(moving, DISA_SPACING_MM, moving_modality), moving_mask)
-    phi_m, grid_m = compute_descriptors(model, m.to(device), device, sign_symmetric=sign_symmetric)
+    phi_m, grid_m = compute_descriptors(model, m.to(device), device, sign_symmetric=sign_symmetric,
+                                        output_stride=output_stride)
     return FeatureMap(phi_m - common, grid_m)
 
 

@@ -22,7 +22,9 @@ the starts spread over a bank of turned copies of the fixed image, :mod:`.orient
 MIND-SSC for the later stages too; "none": the DISA search's pose as it is), ``affine_weighting``
 (the weights of the affine stage: "support", the default on DISA features, equal weights wherever the
 fixed image has structure, :func:`.features.support_weights`; "variance", the default on MIND-SSC
-features, LC²'s local-variance weights as in the rigid stage).
+features, LC²'s local-variance weights as in the rigid stage), ``dense_descriptor_stride`` (DISA's
+dense deformable stage: 2, the default, descriptors every 4 mm from the network run à trous; 4, the
+8 mm map the linear stages use).
 
 Why ``refine="mind"``: the earlier DISA weights (until 2026-11-22) found the right basin from far
 away (global search) but their optimum lay up to ~2–3 mm from the true pose on some contrast
@@ -60,7 +62,7 @@ from .search import SearchSettings, search_pose
 _EXTRA_KEYS = {"starts", "range_deg", "range_mm", "initial", "deformable", "control_spacing_mm", "model",
                "fixed_modality", "moving_modality", "coarse_points", "fine_points", "coarse_iterations",
                "fine_iterations", "keep", "memory_budget_bytes", "dense", "disa_sign_symmetric", "refine",
-               "coarse_x_tolerance_mm", "coarse_f_tolerance", "affine_weighting"}
+               "coarse_x_tolerance_mm", "coarse_f_tolerance", "affine_weighting", "dense_descriptor_stride"}
 #: what ``extra["refine"]`` may name: the features of a local rigid polish after the DISA search
 #: ("disa": DISA again, on the moving image resampled at the found pose, see :func:`_resampled_polish`;
 #: "none": the DISA search's pose as it is)
@@ -76,6 +78,12 @@ DEFAULT_REFINE = "disa"
 AFFINE_WEIGHTINGS = ("support", "variance")
 #: keyed by the features the affine stage runs on (after refine="mind", a disa-* run's are MIND-SSC's)
 DEFAULT_AFFINE_WEIGHTING = {"dot": "support", "ssd": "variance"}
+#: output stride of the DISA descriptors the dense deformable stage compares.  Why 2: on the 8 mm map a
+#: known smooth brain deformation shrank by 12–19% only, each descriptor seeing 98 mm and the cost
+#: volume barely changing over the ±12 mm search; the same network run à trous (4 mm) recovers about
+#: twice as much (docs/benchmarks.md, "the issue's deformable test case on the brain")
+DENSE_DESCRIPTOR_STRIDES = (2, 4)
+DEFAULT_DENSE_DESCRIPTOR_STRIDE = 2
 
 
 def _boxes_overlap(a: Volume, b: Volume) -> bool:
@@ -115,6 +123,10 @@ def _check_extra(options: RegistrationOptions) -> None:
     if weighting not in AFFINE_WEIGHTINGS:
         raise InvalidParameterError(f"affine_weighting must be {' or '.join(map(repr, AFFINE_WEIGHTINGS))}, "
                                     f"got {weighting!r}")
+    stride = options.extra.get("dense_descriptor_stride", DEFAULT_DENSE_DESCRIPTOR_STRIDE)
+    if stride not in DENSE_DESCRIPTOR_STRIDES:
+        raise InvalidParameterError(f"dense_descriptor_stride must be one of {DENSE_DESCRIPTOR_STRIDES} (the DISA "
+                                    f"map every 4 or 8 mm), got {stride!r}")
     initial = options.extra.get("initial")
     if initial is not None and not isinstance(initial, LinearTransform):
         raise InvalidParameterError("the initial transform must be a linear (rigid or affine) transform")
@@ -249,8 +261,13 @@ def _register(kind: str, mode: str, fixed: Volume, moving: Volume, options: Regi
                                         {"evaluations": outcome.evaluations, "similarity": outcome.similarity,
                                          "weighting": weighting}))
     if mode == "deformable":
-        transform, step = _deformable(pair, transform, fixed, extra, local, options, scope.sub(0.75, 1.0), center,
-                                      radius)
+        deformable_pair = pair
+        if pair.comparison == "dot" and extra.get("deformable", "dense") == "dense":
+            deformable_pair = _dense_disa_pair(fixed, moving, extra, options, model, device)
+            history.append(RegistrationStep(f"features for the dense stage ({deformable_pair.name})",
+                                            deformable_pair.seconds))
+        transform, step = _deformable(deformable_pair, transform, fixed, extra, local, options, scope.sub(0.75, 1.0),
+                                      center, radius)
         history.append(step)
         evaluations += int(step.figures.get("evaluations", 0))
     transform = transform.detach().to(device="cpu")
@@ -370,6 +387,17 @@ def _residual_motion_mm(residual: RigidTransform, rigid_p: RigidParametrization)
     centre = rigid_p.center.reshape(-1, 3)[0].to(h)
     shift = h[:3, :3] @ centre + h[:3, 3] - centre
     return float(shift.norm() + rigid_p.radius * angle)
+
+
+def _dense_disa_pair(fixed: Volume, moving: Volume, extra: dict, options: RegistrationOptions,
+                     model: torch.nn.Module, device: torch.device) -> FeaturePair:
+    """The DISA maps the dense stage compares, at ``extra["dense_descriptor_stride"]``."""
+    stride = extra.get("dense_descriptor_stride", DEFAULT_DENSE_DESCRIPTOR_STRIDE)
+    return feature_pair("disa", fixed, moving, device, model=model,
+                        sign_symmetric=bool(extra.get("disa_sign_symmetric", True)),
+                        fixed_mask=options.fixed_mask, moving_mask=options.moving_mask,
+                        fixed_modality=extra.get("fixed_modality"), moving_modality=extra.get("moving_modality"),
+                        output_stride=stride)
 
 
 def _folding(transform, fixed: Volume) -> dict:

@@ -48,13 +48,14 @@ def _content_bounds(x: torch.Tensor, value: torch.Tensor) -> list[tuple[int, int
 
 
 def forward_skipping_constant_border(forward: Callable[[torch.Tensor], torch.Tensor],
-                                     x: torch.Tensor) -> torch.Tensor:
+                                     x: torch.Tensor, output_stride: int = OUTPUT_STRIDE) -> torch.Tensor:
     """``forward(x)`` for a [1, 1, D, H, W] input, with the network run only on its non-constant part.
 
     The border constant is the value of the first voxel; a volume without such a border (or whose
     content fills most of it) takes the plain pass.  ``forward`` maps [1, 1, d, h, w] to
-    [1, C, ceil(d/4), ceil(h/4), ceil(w/4)] (one network pass, or one in z-slabs).
+    [1, C, ceil(d/s), ceil(h/s), ceil(w/s)], s = ``output_stride`` (one network pass, or one in z-slabs).
     """
+    s_out = output_stride
     if x.shape[0] != 1 or x.shape[1] != 1:
         return forward(x)
     shape = tuple(int(n) for n in x.shape[2:])
@@ -71,10 +72,10 @@ def forward_skipping_constant_border(forward: Callable[[torch.Tensor], torch.Ten
     total = shape[0] * shape[1] * shape[2]
     if crop_voxels > MAX_CROP_FRACTION * total:
         return forward(x)
-    centre = RECEPTIVE_FIELD // 2 // OUTPUT_STRIDE
+    centre = RECEPTIVE_FIELD // 2 // s_out
     cube = torch.full((1, 1, _CUBE, _CUBE, _CUBE), float(value), dtype=x.dtype, device=x.device)
     constant = forward(cube)[:, :, centre, centre, centre]
-    out_shape = descriptor_shape(shape)
+    out_shape = descriptor_shape(shape, s_out)
     out = constant[:, :, None, None, None].expand(1, constant.shape[1], *out_shape).clone()
     if bounds is None:
         return out
@@ -82,9 +83,9 @@ def forward_skipping_constant_border(forward: Callable[[torch.Tensor], torch.Ten
     kept_out, kept_crop = [], []
     for s, e, n, m in zip(starts, ends, shape, out_shape):
         # first and last + 1 descriptor cell whose receptive field lies in the crop (or at the volume's edge)
-        lo = s // OUTPUT_STRIDE + HALF_RECEPTIVE_FIELD // OUTPUT_STRIDE if s > 0 else 0
-        hi = (e - 1 - HALF_RECEPTIVE_FIELD) // OUTPUT_STRIDE + 1 if e < n else m
+        lo = s // s_out + HALF_RECEPTIVE_FIELD // s_out if s > 0 else 0
+        hi = (e - 1 - HALF_RECEPTIVE_FIELD) // s_out + 1 if e < n else m
         kept_out.append(slice(lo, hi))
-        kept_crop.append(slice(lo - s // OUTPUT_STRIDE, hi - s // OUTPUT_STRIDE))
+        kept_crop.append(slice(lo - s // s_out, hi - s // s_out))
     out[(slice(None), slice(None), *kept_out)] = crop[(slice(None), slice(None), *kept_crop)]
     return out

@@ -53,6 +53,17 @@ far: 1 + 4 convs·2 (at stride 1) + 4 (blur) + 3 convs·2·2 (stride 2) + 4·2 (
 (stride 4) + 0 (1×1 conv) = 1 + 8 + 4 + 12 + 8 + 16 = 49.  At the training
 spacing of 2 mm that is 98 mm.
 
+Finer descriptors (output stride 2)
+-----------------------------------
+``DISANet.forward(x, output_stride=2)`` runs the same weights *à trous* (Mallat's "with holes"):
+the second blur-pool keeps every position (stride 1; its five taps stay consecutive on the 2-voxel
+grid), and the layers after it, which saw neighbours 4 input voxels apart, are dilated by 2 so they
+still do.  The result is a map of ceil(n/2) descriptors per axis, centred on input voxels 2m, whose
+even sites equal the stride-4 map (the network is evaluated, not changed) and whose odd sites are
+the same network centred half a cell further.  Receptive field and border handling are unchanged.
+Why: at 8 mm the dense deformable stage sees too little variation of the cost within its ±12 mm
+search (docs/benchmarks.md, "the issue's deformable test case on the brain").
+
 Small volumes and large volumes
 -------------------------------
 :func:`compute_descriptors` replicate-pads every axis shorter than RECEPTIVE_FIELD to 49 voxels
@@ -80,6 +91,8 @@ from ..image.volume import Volume
 DESCRIPTOR_CHANNELS = 16
 #: Total stride: descriptor voxel (k, j, i) sits on input voxel (4k, 4j, 4i).
 OUTPUT_STRIDE = 4
+#: Output strides the network can be evaluated at: 4 (as trained) and 2 (à trous, see the module docstring).
+OUTPUT_STRIDES = (4, 2)
 #: Negative slope of every LeakyReLU (PyTorch's default, as in the official code).
 LEAKY_SLOPE = 0.01
 #: Receptive field per axis, in input voxels (see the module docstring for the sum).
@@ -117,6 +130,14 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.layers(x)
 
+    def dilated(self, x: torch.Tensor, dilation: int) -> torch.Tensor:
+        """The same block with its convolutions' taps ``dilation`` voxels apart (zero padding to match)."""
+        h = x
+        for conv_act in self.layers:
+            conv = conv_act[0]
+            h = F.leaky_relu(F.conv3d(h, conv.weight, conv.bias, padding=dilation, dilation=dilation), LEAKY_SLOPE)
+        return x + h
+
 
 def binomial_kernel_3d(channels: int) -> torch.Tensor:
     """The depthwise blur kernel: [1,4,6,4,1]³ / its sum, shape (channels, 1, 5, 5, 5)."""
@@ -141,10 +162,12 @@ class BlurPool3d(nn.Module):
         self.pad = 2
         self.register_buffer("f", binomial_kernel_3d(channels), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stride: int | None = None) -> torch.Tensor:
+        """``stride`` overrides the layer's own (1: the same low-pass at every position, for à trous)."""
         p = self.pad
         y = F.pad(x, (p, p, p, p, p, p), mode="replicate")
-        return F.conv3d(y, self.f.to(dtype=x.dtype), stride=self.stride, groups=self.channels)
+        return F.conv3d(y, self.f.to(dtype=x.dtype), stride=self.stride if stride is None else stride,
+                        groups=self.channels)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, stride={self.stride}, kernel=[1,4,6,4,1]^3/4096, padding=replicate"
@@ -160,7 +183,8 @@ class DISANet(nn.Module):
 
     Layer indices (and so ``state_dict`` keys, e.g. ``layers.0.0.weight``,
     ``layers.1.layers.0.0.weight``, ``layers.8.weight``) follow the published network's
-    ``layers`` sequence.  Output vectors have L2 norm ≤ 1.
+    ``layers`` sequence.  Output vectors have L2 norm ≤ 1.  ``forward(x, output_stride=2)`` gives
+    the à trous map, ceil(n/2) per axis (module docstring).
     """
 
     def __init__(self) -> None:
@@ -177,17 +201,24 @@ class DISANet(nn.Module):
             nn.Conv3d(32, DESCRIPTOR_CHANNELS, kernel_size=1, bias=False),  # 8
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, output_stride: int = OUTPUT_STRIDE) -> torch.Tensor:
         if x.dim() != 5 or x.size(1) != 1:
             raise InvalidParameterError(f"DISANet expects a [B, 1, D, H, W] tensor, got shape {tuple(x.shape)}")
+        _check_output_stride(output_stride)
         h = self.layers[0](x)
         if h.device.type == "cpu":
             # Why: from 8 channels on, the CPU convolutions run 1.5x faster on channels-last tensors
             # (a 128x128x104 pass, 2 threads: 0.73 s -> 0.48 s, same values to 3e-7).  The one-channel
             # input has no channels-last layout, so the switch comes after the first layer.
             h = h.contiguous(memory_format=torch.channels_last_3d)
-        for layer in self.layers[1:]:
-            h = layer(h)
+        if output_stride == OUTPUT_STRIDE:
+            for layer in self.layers[1:]:
+                h = layer(h)
+        else:  # à trous: layers 1-5 as trained, the second blur-pool at stride 1, block 7 dilated by 2
+            for layer in self.layers[1:6]:
+                h = layer(h)
+            h = self.layers[7].dilated(self.layers[6](h, stride=1), dilation=2)
+            h = self.layers[8](h)
         return clip_descriptor_norm(h, dim=1)
 
 
@@ -197,22 +228,28 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
 
 
 # ---------------------------------------------------------------------------------- geometry
-def descriptor_shape(shape: Iterable[int]) -> tuple[int, ...]:
-    """Shape of the descriptor grid for an input grid ``shape``: ceil(n / 4) per axis."""
-    return tuple(-(-int(n) // OUTPUT_STRIDE) for n in shape)
+def _check_output_stride(output_stride: int) -> None:
+    if output_stride not in OUTPUT_STRIDES:
+        raise InvalidParameterError(f"the DISA network's output stride must be one of {OUTPUT_STRIDES}, "
+                                    f"got {output_stride!r}")
 
 
-def descriptor_geometry(input_geometry: ImageGeometry) -> ImageGeometry:
+def descriptor_shape(shape: Iterable[int], output_stride: int = OUTPUT_STRIDE) -> tuple[int, ...]:
+    """Shape of the descriptor grid for an input grid ``shape``: ceil(n / stride) per axis."""
+    return tuple(-(-int(n) // output_stride) for n in shape)
+
+
+def descriptor_geometry(input_geometry: ImageGeometry, output_stride: int = OUTPUT_STRIDE) -> ImageGeometry:
     """The physical grid of the descriptor map of a volume on ``input_geometry``.
 
-    Descriptor voxel (k, j, i) is centred on input voxel (4k, 4j, 4i), so the grid keeps the
-    input's origin and direction, multiplies the spacing by 4 and has ceil(n / 4) voxels per axis.
-    The last descriptor along an axis lies on input index 4·(ceil(n/4) − 1) ≤ n − 1, i.e. always on
-    an input voxel centre, never beyond the input.
+    Descriptor voxel (k, j, i) is centred on input voxel (4k, 4j, 4i) (s = ``output_stride``: s·k, …),
+    so the grid keeps the input's origin and direction, multiplies the spacing by s and has
+    ceil(n / s) voxels per axis.  The last descriptor along an axis lies on input index
+    s·(ceil(n/s) − 1) ≤ n − 1, i.e. always on an input voxel centre, never beyond the input.
     """
     return ImageGeometry(
-        shape=descriptor_shape(input_geometry.shape),
-        spacing=tuple(s * OUTPUT_STRIDE for s in input_geometry.spacing),
+        shape=descriptor_shape(input_geometry.shape, output_stride),
+        spacing=tuple(s * output_stride for s in input_geometry.spacing),
         origin=input_geometry.origin,
         direction=input_geometry.direction,
     )
@@ -264,32 +301,40 @@ def pad_to_receptive_field(tensor: torch.Tensor) -> tuple[torch.Tensor, list[tup
 
 
 # ---------------------------------------------------------------------------------- inference
-def _run_slabs(model: nn.Module, x: torch.Tensor, chunk: int) -> torch.Tensor:
+def _run_slabs(model: nn.Module, x: torch.Tensor, chunk: int, output_stride: int = OUTPUT_STRIDE) -> torch.Tensor:
     """Descriptors of [1, 1, D, H, W] computed in z-slabs; equal to one pass.
 
     Each slab produces the descriptor slices [k0, k1) from the input slices
-    [4·k0 − SLAB_HALO, 4·(k1 − 1) + SLAB_HALO] (clipped to the volume).  Every slab starts on a
-    multiple of 4, so its grid is aligned with the full one, and every descriptor it keeps sees
-    its whole receptive field inside the slab (or the true volume border, treated the same way).
+    [s·k0 − SLAB_HALO, s·(k1 − 1) + SLAB_HALO] (s the output stride; clipped to the volume).  Every
+    slab starts on a multiple of s, so its grid is aligned with the full one (the à trous map is
+    shift-equivariant in steps of s), and every descriptor it keeps sees its whole receptive field
+    inside the slab (or the true volume border, treated the same way).
     """
+    s = output_stride
     depth = x.size(2)
-    out_depth = descriptor_shape([depth])[0]
-    per_slab = max(1, -(-int(chunk) // OUTPUT_STRIDE))  # descriptor slices per slab
+    out_depth = descriptor_shape([depth], s)[0]
+    per_slab = max(1, -(-int(chunk) // s))  # descriptor slices per slab
     pieces = []
     for k0 in range(0, out_depth, per_slab):
         k1 = min(out_depth, k0 + per_slab)
-        z0 = max(0, OUTPUT_STRIDE * k0 - SLAB_HALO)
-        z1 = min(depth, OUTPUT_STRIDE * (k1 - 1) + SLAB_HALO + 1)
-        y = model(x[:, :, z0:z1])
-        first = (OUTPUT_STRIDE * k0 - z0) // OUTPUT_STRIDE
+        z0 = max(0, s * k0 - SLAB_HALO)
+        z1 = min(depth, s * (k1 - 1) + SLAB_HALO + 1)
+        y = _network(model, x[:, :, z0:z1], s)
+        first = (s * k0 - z0) // s
         pieces.append(y[:, :, first:first + (k1 - k0)])
     return torch.cat(pieces, dim=2)
 
 
-def _forward(model: nn.Module, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
+def _network(model: nn.Module, x: torch.Tensor, output_stride: int) -> torch.Tensor:
+    """``model(x)``, passing the output stride only when it is not the trained one (so a plain module
+    standing in for the network, as tests use, still works at stride 4)."""
+    return model(x) if output_stride == OUTPUT_STRIDE else model(x, output_stride=output_stride)
+
+
+def _forward(model: nn.Module, x: torch.Tensor, chunk: int | None, output_stride: int = OUTPUT_STRIDE) -> torch.Tensor:
     if chunk is None or chunk >= x.size(2):
-        return model(x)
-    return _run_slabs(model, x, chunk)
+        return _network(model, x, output_stride)
+    return _run_slabs(model, x, chunk, output_stride)
 
 
 def sign_symmetric_mean(forward, x: torch.Tensor) -> torch.Tensor:
@@ -299,8 +344,12 @@ def sign_symmetric_mean(forward, x: torch.Tensor) -> torch.Tensor:
 
 
 def compute_descriptors(model: nn.Module, volume: Volume, device: str | torch.device = "auto",
-                        chunk: int | None = None, sign_symmetric: bool = False) -> tuple[torch.Tensor, ImageGeometry]:
+                        chunk: int | None = None, sign_symmetric: bool = False,
+                        output_stride: int = OUTPUT_STRIDE) -> tuple[torch.Tensor, ImageGeometry]:
     """DISA descriptors of ``volume``: a [16, d, h, w] float32 tensor and its physical grid.
+
+    * ``output_stride``: 4, the network as trained (descriptors every 4 input voxels), or 2, the
+      à trous map (every 2 voxels, 8× the sites and about 4× the time; module docstring).
 
     * ``sign_symmetric``: return ½(φ(x) + φ(−x)), the mean of the descriptors of the volume and of
       its negative (two forward passes).  Why: LC², the target, does not change when either image's
@@ -327,6 +376,7 @@ def compute_descriptors(model: nn.Module, volume: Volume, device: str | torch.de
         raise InvalidParameterError("compute_descriptors needs a Volume (data with its geometry)")
     if chunk is not None and int(chunk) < 1:
         raise InvalidParameterError(f"chunk must be a positive number of slices, got {chunk}")
+    _check_output_stride(output_stride)
     shape = volume.geometry.shape
     _check_min_size(shape)
     data = volume.data
@@ -335,7 +385,7 @@ def compute_descriptors(model: nn.Module, volume: Volume, device: str | torch.de
             f"the volume{' ' + repr(volume.name) if volume.name else ''} has NaN or Inf voxels; replace them "
             "before computing DISA descriptors")
     target = resolve_device(device)
-    geometry = descriptor_geometry(volume.geometry)
+    geometry = descriptor_geometry(volume.geometry, output_stride)
     from .disa_border import forward_skipping_constant_border
 
     def run(dev: torch.device, slabs: int | None) -> torch.Tensor:
@@ -343,10 +393,11 @@ def compute_descriptors(model: nn.Module, volume: Volume, device: str | torch.de
         x = data.to(device=dev, dtype=torch.float32)[None, None]
         x, pads = pad_to_receptive_field(x)
         def forward(v: torch.Tensor) -> torch.Tensor:
-            return forward_skipping_constant_border(lambda u: _forward(model, u, slabs), v)[0]
+            return forward_skipping_constant_border(lambda u: _forward(model, u, slabs, output_stride), v,
+                                                    output_stride)[0]
 
         y = sign_symmetric_mean(forward, x) if sign_symmetric else forward(x)
-        starts = [lo // OUTPUT_STRIDE for lo, _ in pads]
+        starts = [lo // output_stride for lo, _ in pads]
         (d, h, w) = geometry.shape
         return y[:, starts[0]:starts[0] + d, starts[1]:starts[1] + h, starts[2]:starts[2] + w].contiguous()
 
