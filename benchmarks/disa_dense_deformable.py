@@ -12,7 +12,7 @@ after: the mean error ‖T̂(x) − T(x)‖ over body/brain points, the mean Dic
 
     python benchmarks/disa_dense_deformable.py [--pair ct|t2|flair] [--cases 2] [--first-case 0]
         [--amplitude-mm 8] [--control-spacing-mm 60] [--dense-descriptor-stride 2|4]
-        [--dense smoothing_sigma_mm=16,...] [--out docs/...json]
+        [--dense-disa-comparison cosine|dot] [--dense smoothing_sigma_mm=16,...] [--out docs/...json]
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ def method_extra(args) -> dict:
     extra = {"affine_weighting": args.affine_weighting} if args.affine_weighting else {}
     if args.dense_descriptor_stride:
         extra["dense_descriptor_stride"] = args.dense_descriptor_stride
+    if args.dense_disa_comparison:
+        extra["dense_disa_comparison"] = args.dense_disa_comparison
     if args.dense:
         extra["dense"] = DenseSettings(**args.dense).validated()
     return extra
@@ -106,8 +108,9 @@ def run_case(pair, case: int, args) -> dict:
             warped_labels = warp_volume(moving_labels, result.transform, fixed.geometry, interpolation="nearest")
             row["dice"] = mean_dice(warped_labels.data.round(), labels.data, present)
         record[method] = row
-        log(f"case {case} {method}: error {record['before']['mean_error_mm']:.2f} → {row['mean_error_mm']:.2f} mm "
-            f"({100 * (row['mean_error_mm'] / record['before']['mean_error_mm'] - 1):+.0f}%)"
+        before = record["before"]["mean_error_mm"]
+        change = f" ({100 * (row['mean_error_mm'] / before - 1):+.0f}%)" if before > 0 else ""
+        log(f"case {case} {method}: error {before:.2f} → {row['mean_error_mm']:.2f} mm{change}"
             f"{_dice_text(record['before'].get('dice'), row.get('dice'))}, "
             f"folding {_percent(row['folding_percent'])}, {seconds:.0f} s")
     return record
@@ -136,6 +139,8 @@ def main(argv=None) -> dict:
                         help="weights of the affine stage (default: each method's own, see disa/register.py)")
     parser.add_argument("--dense-descriptor-stride", type=int, choices=(2, 4), default=None,
                         help="disa-deformable: DISA map of the dense stage (default: the engine's)")
+    parser.add_argument("--dense-disa-comparison", choices=("cosine", "dot"), default=None,
+                        help="disa-deformable: how the dense stage compares descriptors (default: the engine's)")
     parser.add_argument("--dense", type=_dense_overrides, default=None,
                         help="dense-stage settings, e.g. smoothing_sigma_mm=16,patch_sigma_mm=8 (default: the engine's)")
     parser.add_argument("--device", default="cpu")
