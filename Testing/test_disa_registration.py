@@ -369,6 +369,26 @@ def test_cosine_pair_compares_unit_descriptors_with_equal_weights():
         cosine_pair(FeaturePair(pair.fixed, pair.moving, weight, "ssd"))
 
 
+def test_disa_features_compare_unit_descriptors_by_default_and_new_maps_follow(sample_t1, sample_t2):
+    """``cosine`` (the default) scales the centred descriptors to unit length; maps computed later
+    for the pair are scaled alike; ``cosine=False`` keeps the centred dot product."""
+    from DeepMultimodalRegLib.disa.features import with_new_fixed, with_new_moving
+
+    plain = disa_features(sample_t1, sample_t2, CPU, cosine=False)
+    unit = disa_features(sample_t1, sample_t2, CPU)
+    assert unit.unit_length and not plain.unit_length
+    for a, b in ((unit.fixed, plain.fixed), (unit.moving, plain.moving)):
+        norms = torch.linalg.vector_norm(b.data, dim=0, keepdim=True)
+        assert torch.allclose(a.data, b.data / norms, atol=1e-5)
+        assert not torch.allclose(norms, torch.ones_like(norms), atol=1e-2)  # the plain maps are not unit already
+    again = with_new_moving(unit, sample_t2, CPU)
+    assert again.unit_length and torch.allclose(again.moving.data, unit.moving.data, atol=1e-5)
+    turned = with_new_fixed(unit, sample_t1, CPU)
+    assert turned.unit_length and torch.allclose(turned.fixed.data, unit.fixed.data, atol=1e-5)
+    with pytest.raises(InvalidParameterError, match="disa_comparison"):
+        _register("disa-rigid", sample_t1, sample_t2, disa_comparison="cos")
+
+
 def test_global_search_is_deterministic_and_finds_a_distant_pose(kirby):
     t1, t2, points = kirby
     truth = _rigid((30, -25, 20), (45, -40, 30), t1.geometry.center)

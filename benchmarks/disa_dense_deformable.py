@@ -73,6 +73,8 @@ def method_extra(args) -> dict:
         extra["dense_descriptor_stride"] = args.dense_descriptor_stride
     if args.dense_disa_comparison:
         extra["dense_disa_comparison"] = args.dense_disa_comparison
+    if args.disa_comparison:
+        extra["disa_comparison"] = args.disa_comparison
     if args.dense:
         extra["dense"] = DenseSettings(**args.dense).validated()
     return extra
@@ -141,6 +143,8 @@ def main(argv=None) -> dict:
                         help="disa-deformable: DISA map of the dense stage (default: the engine's)")
     parser.add_argument("--dense-disa-comparison", choices=("cosine", "dot"), default=None,
                         help="disa-deformable: how the dense stage compares descriptors (default: the engine's)")
+    parser.add_argument("--disa-comparison", choices=("cosine", "dot"), default=None,
+                        help="disa-*: how the linear stages compare descriptors (default: the engine's)")
     parser.add_argument("--dense", type=_dense_overrides, default=None,
                         help="dense-stage settings, e.g. smoothing_sigma_mm=16,patch_sigma_mm=8 (default: the engine's)")
     parser.add_argument("--device", default="cpu")

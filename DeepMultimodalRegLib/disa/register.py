@@ -15,6 +15,8 @@ Options in ``RegistrationOptions.extra``: ``starts``, ``range_deg``, ``range_mm`
 ("dense" | "bspline"), ``control_spacing_mm``, ``model`` (a DISA network already loaded),
 ``fixed_modality``/``moving_modality`` ("CT" | "MR", guessed otherwise), ``disa_sign_symmetric``
 (default True: DISA descriptors averaged over each image and its negative; False: the raw network),
+``disa_comparison`` ("cosine", the default: centred descriptors scaled to unit length, so the
+similarity is their cosine, :func:`.features.disa_features`; "dot": the centred dot product),
 ``refine`` (disa-* only; "disa", the default: a local rigid search on DISA descriptors of the
 moving image resampled at the found pose, see :func:`_resampled_polish`, and with a global search
 the starts spread over a bank of turned copies of the fixed image, :mod:`.orientation_bank`;
@@ -65,7 +67,7 @@ _EXTRA_KEYS = {"starts", "range_deg", "range_mm", "initial", "deformable", "cont
                "fixed_modality", "moving_modality", "coarse_points", "fine_points", "coarse_iterations",
                "fine_iterations", "keep", "memory_budget_bytes", "dense", "disa_sign_symmetric", "refine",
                "coarse_x_tolerance_mm", "coarse_f_tolerance", "affine_weighting", "dense_descriptor_stride",
-               "dense_disa_comparison"}
+               "dense_disa_comparison", "disa_comparison"}
 #: what ``extra["refine"]`` may name: the features of a local rigid polish after the DISA search
 #: ("disa": DISA again, on the moving image resampled at the found pose, see :func:`_resampled_polish`;
 #: "none": the DISA search's pose as it is)
@@ -90,6 +92,8 @@ DEFAULT_DENSE_DESCRIPTOR_STRIDE = 2
 #: how DISA's dense stage compares the descriptors ("cosine": :func:`.features.cosine_pair`; "dot": as the
 #: linear stages).  Cosine by default: on the brain test deformations 2.15 / 2.04 mm → 1.73 / 1.62 mm
 DENSE_DISA_COMPARISONS = ("cosine", "dot")
+#: how the linear stages compare DISA descriptors (``extra["disa_comparison"]``, see :func:`.features.disa_features`)
+DISA_COMPARISONS = ("cosine", "dot")
 DEFAULT_DENSE_DISA_COMPARISON = "cosine"
 
 
@@ -137,6 +141,9 @@ def _check_extra(options: RegistrationOptions) -> None:
     comparison = options.extra.get("dense_disa_comparison", DEFAULT_DENSE_DISA_COMPARISON)
     if comparison not in DENSE_DISA_COMPARISONS:
         raise InvalidParameterError(f"dense_disa_comparison must be one of {DENSE_DISA_COMPARISONS}, got {comparison!r}")
+    if options.extra.get("disa_comparison", "cosine") not in DISA_COMPARISONS:
+        raise InvalidParameterError(f"disa_comparison must be one of {DISA_COMPARISONS}, "
+                                    f"got {options.extra.get('disa_comparison')!r}")
     initial = options.extra.get("initial")
     if initial is not None and not isinstance(initial, LinearTransform):
         raise InvalidParameterError("the initial transform must be a linear (rigid or affine) transform")
@@ -191,6 +198,7 @@ def _register(kind: str, mode: str, fixed: Volume, moving: Volume, options: Regi
         model = load_disa_network("disa", device=device)
     pair: FeaturePair = feature_pair(kind, fixed, moving, device, model=model,
                                      sign_symmetric=bool(extra.get("disa_sign_symmetric", True)),
+                                     cosine=extra.get("disa_comparison", "cosine") == "cosine",
                                      fixed_mask=options.fixed_mask, moving_mask=options.moving_mask,
                                      fixed_modality=extra.get("fixed_modality"),
                                      moving_modality=extra.get("moving_modality"))
@@ -404,14 +412,13 @@ def _dense_disa_pair(fixed: Volume, moving: Volume, extra: dict, options: Regist
     """The DISA maps the dense stage compares, at ``extra["dense_descriptor_stride"]`` and compared as
     ``extra["dense_disa_comparison"]`` says."""
     stride = extra.get("dense_descriptor_stride", DEFAULT_DENSE_DESCRIPTOR_STRIDE)
+    cosine = extra.get("dense_disa_comparison", DEFAULT_DENSE_DISA_COMPARISON) == "cosine"
     pair = feature_pair("disa", fixed, moving, device, model=model,
-                        sign_symmetric=bool(extra.get("disa_sign_symmetric", True)),
+                        sign_symmetric=bool(extra.get("disa_sign_symmetric", True)), cosine=cosine,
                         fixed_mask=options.fixed_mask, moving_mask=options.moving_mask,
                         fixed_modality=extra.get("fixed_modality"), moving_modality=extra.get("moving_modality"),
                         output_stride=stride)
-    if extra.get("dense_disa_comparison", DEFAULT_DENSE_DISA_COMPARISON) == "cosine":
-        pair = cosine_pair(pair)
-    return pair
+    return cosine_pair(pair) if cosine else pair
 
 
 def _folding(transform, fixed: Volume) -> dict:
