@@ -179,7 +179,9 @@ def test_gather_and_grid_sample_samplers_give_the_same_objective_and_gradient(sa
         alone = objective.value(RigidTransform(params[2:3], center))
         assert torch.allclose(alone, value[2:3].detach(), rtol=1e-5, atol=1e-7)
     assert torch.allclose(results[0][0], results[1][0], rtol=1e-4, atol=1e-6)
-    assert torch.allclose(results[0][1], results[1][1], rtol=1e-3, atol=1e-6 * float(results[1][1].abs().max()))
+    # atol: 5e-4 of the largest component.  On the (default) unit-length DISA maps the two samplers'
+    # float32 corner weights put one small translation component 1.7e-4 of that apart (2e-5 absolute)
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-3, atol=5e-4 * float(results[1][1].abs().max()))
     with pytest.raises(InvalidParameterError, match="sampler"):
         FeatureObjective(pair, 3000, sampler="nearest")
 

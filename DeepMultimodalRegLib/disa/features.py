@@ -157,15 +157,22 @@ def cosine_pair(pair: FeaturePair) -> FeaturePair:
     weights 0.88 mm (ad hoc, docs/benchmarks.md); on two known deformations both together took the
     error 3.24 / 4.06 mm → 1.73 / 1.62 mm, against 2.15 / 2.04 mm as compared before.
     """
+    unit = unit_length_pair(pair)
+    return FeaturePair(unit.fixed, unit.moving, support_weights(pair.weight), pair.comparison, pair.point_stride,
+                       f"{pair.name}, cosine", pair.seconds, pair.coarse_factor, pair.centre, True)
+
+
+def unit_length_pair(pair: FeaturePair) -> FeaturePair:
+    """``pair`` (DISA) with every descriptor scaled to unit length (the dot product becomes the cosine);
+    maps computed later for it are scaled alike (``unit_length``).  Weights are kept."""
     if pair.comparison != "dot":
         raise InvalidParameterError("only DISA descriptors (a 'dot' pair) are compared by their cosine")
 
     def unit(feature_map: FeatureMap) -> FeatureMap:
-        norm = torch.linalg.vector_norm(feature_map.data, dim=0, keepdim=True).clamp_min(1e-6)
-        return FeatureMap(feature_map.data / norm, feature_map.geometry)
+        return FeatureMap(_compared(feature_map.data, 0.0, True), feature_map.geometry)
 
-    return FeaturePair(unit(pair.fixed), unit(pair.moving), support_weights(pair.weight), pair.comparison,
-                       pair.point_stride, f"{pair.name}, cosine", pair.seconds, pair.coarse_factor, pair.centre, True)
+    return FeaturePair(unit(pair.fixed), unit(pair.moving), pair.weight, pair.comparison, pair.point_stride,
+                       pair.name, pair.seconds, pair.coarse_factor, pair.centre, True)
 
 
 def _masked_moving(prepared: Volume, moving_mask: Optional[Volume]) -> Volume:
