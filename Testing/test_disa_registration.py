@@ -11,7 +11,7 @@ import SimpleITK as sitk
 import torch
 
 from DeepMultimodalRegLib.disa.features import (FeatureMap, FeaturePair, cosine_pair, disa_features, mind_features,
-                                                support_weights)
+                                                support_weights, unit_length_pair)
 from DeepMultimodalRegLib.disa.objective import FeatureObjective
 from DeepMultimodalRegLib.disa.optimize import batched_lbfgs
 from DeepMultimodalRegLib.disa.parametrization import (AffineParametrization, PoseWithBSpline, RigidParametrization,
@@ -163,7 +163,9 @@ def test_objective_of_linear_transforms_equals_sampling_the_mapped_points(sample
 def test_gather_and_grid_sample_samplers_give_the_same_objective_and_gradient(sample_t1, sample_t2, kind):
     """The CPU's channels-last gather against grid_sample (the GPU's sampler, run here on the CPU):
     values and pose gradients for a batch of poses, part of each outside the moving map."""
-    pair = (disa_features if kind == "disa" else mind_features)(sample_t1, sample_t2, CPU)
+    # DISA: the unit-length maps the rigid stages compare by default
+    pair = unit_length_pair(disa_features(sample_t1, sample_t2, CPU)) if kind == "disa" else \
+        mind_features(sample_t1, sample_t2, CPU)
     center = torch.as_tensor(sample_t1.geometry.center, dtype=torch.float64)
     g = torch.Generator().manual_seed(3)
     params = torch.cat([(torch.rand(5, 3, generator=g, dtype=torch.float64) - 0.5) * 0.6,
@@ -371,13 +373,13 @@ def test_cosine_pair_compares_unit_descriptors_with_equal_weights():
         cosine_pair(FeaturePair(pair.fixed, pair.moving, weight, "ssd"))
 
 
-def test_disa_features_compare_unit_descriptors_by_default_and_new_maps_follow(sample_t1, sample_t2):
-    """``cosine`` (the default) scales the centred descriptors to unit length; maps computed later
-    for the pair are scaled alike; ``cosine=False`` keeps the centred dot product."""
+def test_unit_length_pair_compares_the_cosine_and_new_maps_follow(sample_t1, sample_t2):
+    """:func:`unit_length_pair` scales the centred descriptors to unit length (what the rigid stages
+    compare by default); maps computed later for the pair are scaled alike."""
     from DeepMultimodalRegLib.disa.features import with_new_fixed, with_new_moving
 
-    plain = disa_features(sample_t1, sample_t2, CPU, cosine=False)
-    unit = disa_features(sample_t1, sample_t2, CPU)
+    plain = disa_features(sample_t1, sample_t2, CPU)
+    unit = unit_length_pair(plain)
     assert unit.unit_length and not plain.unit_length
     for a, b in ((unit.fixed, plain.fixed), (unit.moving, plain.moving)):
         norms = torch.linalg.vector_norm(b.data, dim=0, keepdim=True)

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the engine's DENSE_DESCRIPTOR_STRIDES, spelled out for the same reason (tested)
     r.add_argument("--dense-descriptor-stride", type=int, choices=(2, 4),
                    help="disa-deformable: DISA descriptors of the dense stage every 2 (the default: 4 mm, the network "
-                        "run a trous, ~4x the feature time) or 4 voxels (8 mm, as the linear stages use)")
+                        "run a trous) or 4 voxels (8 mm, as the linear stages use)")
     # --- rso (issue 5)
     r.add_argument("--weights", type=Path, help="deep: general-model weights (default: the shipped `general`); msode-*: a trained MS-ODE model "
                         "(none ships yet)")

@@ -163,8 +163,16 @@ def cosine_pair(pair: FeaturePair) -> FeaturePair:
 
 
 def unit_length_pair(pair: FeaturePair) -> FeaturePair:
-    """``pair`` (DISA) with every descriptor scaled to unit length (the dot product becomes the cosine);
-    maps computed later for it are scaled alike (``unit_length``).  Weights are kept."""
+    """``pair`` (DISA) with every centred descriptor scaled to unit length, so the dot product the
+    engine maximises is their cosine; maps computed later for it (:func:`with_new_moving`,
+    :func:`with_new_fixed`) are scaled alike (``unit_length``).  Weights are kept.
+
+    Why: the dot product also rewards a moving location for the length of its descriptor (how much
+    structure it has), which pulls the optimum off the truth.  Started at the truth on chest-CT
+    synthetic contrasts, a local rigid search ended 0.22–1.04 mm off with the dot product and
+    0.22–0.56 mm with the cosine (ad hoc; Kirby21 T2/FLAIR unchanged, 0.37–0.49 mm); the global search
+    then brought 7 of 8 capture-range CT cases under 2 mm instead of 5 (docs/benchmarks.md).
+    """
     if pair.comparison != "dot":
         raise InvalidParameterError("only DISA descriptors (a 'dot' pair) are compared by their cosine")
 
@@ -187,23 +195,16 @@ def _masked_moving(prepared: Volume, moving_mask: Optional[Volume]) -> Volume:
 def disa_features(fixed: Volume, moving: Volume, device: torch.device, model: Optional[torch.nn.Module] = None,
                   fixed_mask: Optional[Volume] = None, moving_mask: Optional[Volume] = None,
                   fixed_modality: str | None = None, moving_modality: str | None = None,
-                  sign_symmetric: bool = True, output_stride: int = OUTPUT_STRIDE,
-                  cosine: bool = True) -> FeaturePair:
-    """DISA descriptors of both volumes at the network's 2 mm spacing (descriptor grid 8 mm).
-
-    ``cosine`` (default): after centring (:func:`centring_vector`) every descriptor is scaled to unit
-    length, so the dot product the engine maximises is their cosine.  Why: the dot product also
-    rewards a moving location for the length of its descriptor (how much structure it has), which
-    pulls the optimum off the truth.  Started at the truth on chest-CT synthetic contrasts, a local
-    rigid search ended 0.22–1.04 mm off with the dot product and 0.22–0.56 mm with the cosine (Kirby21
-    T2/FLAIR unchanged, 0.37–0.49 mm); the global search then brought 7 of 8 capture-range CT cases
-    under 2 mm instead of 5 (docs/benchmarks.md).  False: the plain centred dot product.
+                  sign_symmetric: bool = True, output_stride: int = OUTPUT_STRIDE) -> FeaturePair:
+    """DISA descriptors of both volumes at the network's 2 mm spacing (descriptor grid 8 mm), centred
+    (:func:`centring_vector`); :func:`unit_length_pair` turns them into the cosine the rigid stages use.
 
     ``sign_symmetric`` (default): descriptors averaged over the image and its negative
     (:func:`~DeepMultimodalRegLib.networks.disa_net.compute_descriptors`), which brings the
     similarity's optimum closer to the true pose on real contrasts; False gives the raw network.
     ``output_stride`` 2: the network run à trous, descriptors every 4 mm (the dense deformable
-    stage's input; about 4× the time).
+    stage's input; on the Kirby21 pair 3.4–6.1 s against the stride-4 pass's 3.1–3.4 s, 2 threads,
+    docs/disa_dense_deformable_t2_2026-12-06b.json).
     """
     import time
 
@@ -213,12 +214,11 @@ def disa_features(fixed: Volume, moving: Volume, device: torch.device, model: Op
                                             output_stride)
     common = centring_vector(phi_f, weight)
     moving_map = _disa_moving_map(model, moving, device, moving_mask, moving_modality, sign_symmetric, common,
-                                  cosine, output_stride)
+                                  False, output_stride)
     name = "DISA" if output_stride == OUTPUT_STRIDE else f"DISA (stride {output_stride}, {DISA_SPACING_MM * output_stride:g} mm)"
     # the coarse search level pools to about 16 mm blocks whatever the map's own spacing
-    return FeaturePair(FeatureMap(_compared(phi_f, common, cosine), grid_f), moving_map, weight, "dot", 1, name,
-                       time.perf_counter() - start, coarse_factor=2 * OUTPUT_STRIDE // output_stride, centre=common,
-                       unit_length=cosine)
+    return FeaturePair(FeatureMap(phi_f - common, grid_f), moving_map, weight, "dot", 1, name,
+                       time.perf_counter() - start, coarse_factor=2 * OUTPUT_STRIDE // output_stride, centre=common)
 
 
 def _compared(descriptors: torch.Tensor, centre: torch.Tensor, unit_length: bool) -> torch.Tensor:
@@ -322,6 +322,5 @@ def feature_pair(kind: str, fixed: Volume, moving: Volume, device: torch.device,
     if kind == "mind":
         kwargs.pop("model", None)
         kwargs.pop("sign_symmetric", None)
-        kwargs.pop("cosine", None)
         return mind_features(fixed, moving, device, **kwargs)
     raise InvalidParameterError(f"unknown feature kind {kind!r}; use 'disa' or 'mind'")

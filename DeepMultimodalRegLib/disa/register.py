@@ -16,7 +16,7 @@ Options in ``RegistrationOptions.extra``: ``starts``, ``range_deg``, ``range_mm`
 ``fixed_modality``/``moving_modality`` ("CT" | "MR", guessed otherwise), ``disa_sign_symmetric``
 (default True: DISA descriptors averaged over each image and its negative; False: the raw network),
 ``disa_comparison`` (the rigid stages': "cosine", the default, centred descriptors scaled to unit
-length, so the similarity is their cosine, :func:`.features.disa_features`; "dot": the centred dot
+length, so the similarity is their cosine, :func:`.features.unit_length_pair`; "dot": the centred dot
 product, which the affine stage always uses),
 ``refine`` (disa-* only; "disa", the default: a local rigid search on DISA descriptors of the
 moving image resampled at the found pose, see :func:`_resampled_polish`, and with a global search
@@ -51,7 +51,7 @@ from ..device import describe_device, resolve_device
 from ..errors import InvalidParameterError
 from ..image.validation import validate_registration_input
 from ..image.volume import Volume
-from ..networks.disa_net import load_disa_network
+from ..networks.disa_net import OUTPUT_STRIDES, load_disa_network
 from ..methods.registry import RegistrationOptions
 from ..progress import ProgressScope
 from ..result import RegistrationResult, RegistrationStep
@@ -88,14 +88,15 @@ DEFAULT_AFFINE_WEIGHTING = {"dot": "support", "ssd": "variance"}
 #: known smooth brain deformation shrank by 12–19% only, each descriptor seeing 98 mm and the cost
 #: volume barely changing over the ±12 mm search; the same network run à trous (4 mm) recovers about
 #: twice as much (docs/benchmarks.md, "the issue's deformable test case on the brain")
-DENSE_DESCRIPTOR_STRIDES = (2, 4)
+DENSE_DESCRIPTOR_STRIDES = OUTPUT_STRIDES
 DEFAULT_DENSE_DESCRIPTOR_STRIDE = 2
-#: how DISA's dense stage compares the descriptors ("cosine": :func:`.features.cosine_pair`; "dot": as the
-#: linear stages).  Cosine by default: on the brain test deformations 2.15 / 2.04 mm → 1.73 / 1.62 mm
-DENSE_DISA_COMPARISONS = ("cosine", "dot")
-#: how the linear stages compare DISA descriptors (``extra["disa_comparison"]``, see :func:`.features.disa_features`)
+#: how DISA descriptors are compared ("cosine" or "dot"): by the rigid stages (``extra["disa_comparison"]``,
+#: :func:`.features.unit_length_pair`) and by the dense stage (``extra["dense_disa_comparison"]``,
+#: :func:`.features.cosine_pair`: also equal weights); the affine stage always uses the dot product.
+#: Cosine by default: on the brain test deformations 2.15 / 2.04 mm → 1.73 / 1.62 mm (dense stage);
+#: chest-CT capture range 5 → 7 of 8 under 2 mm (rigid stages)
 DISA_COMPARISONS = ("cosine", "dot")
-DEFAULT_DENSE_DISA_COMPARISON = "cosine"
+DEFAULT_DISA_COMPARISON = DEFAULT_DENSE_DISA_COMPARISON = "cosine"
 
 
 def _boxes_overlap(a: Volume, b: Volume) -> bool:
@@ -139,12 +140,10 @@ def _check_extra(options: RegistrationOptions) -> None:
     if stride not in DENSE_DESCRIPTOR_STRIDES:
         raise InvalidParameterError(f"dense_descriptor_stride must be one of {DENSE_DESCRIPTOR_STRIDES} (the DISA "
                                     f"map every 4 or 8 mm), got {stride!r}")
-    comparison = options.extra.get("dense_disa_comparison", DEFAULT_DENSE_DISA_COMPARISON)
-    if comparison not in DENSE_DISA_COMPARISONS:
-        raise InvalidParameterError(f"dense_disa_comparison must be one of {DENSE_DISA_COMPARISONS}, got {comparison!r}")
-    if options.extra.get("disa_comparison", "cosine") not in DISA_COMPARISONS:
-        raise InvalidParameterError(f"disa_comparison must be one of {DISA_COMPARISONS}, "
-                                    f"got {options.extra.get('disa_comparison')!r}")
+    for key, default in (("disa_comparison", DEFAULT_DISA_COMPARISON),
+                         ("dense_disa_comparison", DEFAULT_DENSE_DISA_COMPARISON)):
+        if options.extra.get(key, default) not in DISA_COMPARISONS:
+            raise InvalidParameterError(f"{key} must be one of {DISA_COMPARISONS}, got {options.extra.get(key)!r}")
     initial = options.extra.get("initial")
     if initial is not None and not isinstance(initial, LinearTransform):
         raise InvalidParameterError("the initial transform must be a linear (rigid or affine) transform")
@@ -198,7 +197,7 @@ def _register(kind: str, mode: str, fixed: Volume, moving: Volume, options: Regi
     if kind == "disa" and model is None:
         model = load_disa_network("disa", device=device)
     pair: FeaturePair = feature_pair(kind, fixed, moving, device, model=model,
-                                     sign_symmetric=bool(extra.get("disa_sign_symmetric", True)), cosine=False,
+                                     sign_symmetric=bool(extra.get("disa_sign_symmetric", True)),
                                      fixed_mask=options.fixed_mask, moving_mask=options.moving_mask,
                                      fixed_modality=extra.get("fixed_modality"),
                                      moving_modality=extra.get("moving_modality"))
@@ -208,7 +207,7 @@ def _register(kind: str, mode: str, fixed: Volume, moving: Volume, options: Regi
     # 1.62 mm off instead of 1.26 mm; the rigid stages compare the cosine (capture range, chest CT: 7
     # of 8 under 2 mm instead of 5; docs/benchmarks.md)
     plain = pair
-    if kind == "disa" and extra.get("disa_comparison", "cosine") == "cosine":
+    if kind == "disa" and extra.get("disa_comparison", DEFAULT_DISA_COMPARISON) == "cosine":
         pair = unit_length_pair(pair)
     history = [RegistrationStep("features", pair.seconds)]
     center = torch.as_tensor(np.asarray(fixed.geometry.center), dtype=torch.float64)
@@ -418,13 +417,13 @@ def _dense_disa_pair(fixed: Volume, moving: Volume, extra: dict, options: Regist
     """The DISA maps the dense stage compares, at ``extra["dense_descriptor_stride"]`` and compared as
     ``extra["dense_disa_comparison"]`` says."""
     stride = extra.get("dense_descriptor_stride", DEFAULT_DENSE_DESCRIPTOR_STRIDE)
-    cosine = extra.get("dense_disa_comparison", DEFAULT_DENSE_DISA_COMPARISON) == "cosine"
     pair = feature_pair("disa", fixed, moving, device, model=model,
-                        sign_symmetric=bool(extra.get("disa_sign_symmetric", True)), cosine=cosine,
+                        sign_symmetric=bool(extra.get("disa_sign_symmetric", True)),
                         fixed_mask=options.fixed_mask, moving_mask=options.moving_mask,
                         fixed_modality=extra.get("fixed_modality"), moving_modality=extra.get("moving_modality"),
                         output_stride=stride)
-    return cosine_pair(pair) if cosine else pair
+    compared = extra.get("dense_disa_comparison", DEFAULT_DENSE_DISA_COMPARISON)
+    return cosine_pair(pair) if compared == "cosine" else pair
 
 
 def _folding(transform, fixed: Volume) -> dict:

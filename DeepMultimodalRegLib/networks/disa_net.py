@@ -349,7 +349,9 @@ def compute_descriptors(model: nn.Module, volume: Volume, device: str | torch.de
     """DISA descriptors of ``volume``: a [16, d, h, w] float32 tensor and its physical grid.
 
     * ``output_stride``: 4, the network as trained (descriptors every 4 input voxels), or 2, the
-      à trous map (every 2 voxels, 8× the sites and about 4× the time; module docstring).
+      à trous map (every 2 voxels, 8× the sites; module docstring).  Only the layers after the
+      second blur-pool run at the finer density: on the Kirby21 pair (fixed and moving, sign-symmetric,
+      2 threads) 3.4–6.1 s against 3.1–3.4 s at stride 4 (docs/disa_dense_deformable_t2_2026-12-06b.json).
 
     * ``sign_symmetric``: return ½(φ(x) + φ(−x)), the mean of the descriptors of the volume and of
       its negative (two forward passes).  Why: LC², the target, does not change when either image's

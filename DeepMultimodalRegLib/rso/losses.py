@@ -77,8 +77,7 @@ def disa_targets(fixed, moving, grid, device: torch.device) -> tuple[torch.Tenso
     from ..transforms.linear import AffineTransform
     from ..transforms.resample import resample_tensor
 
-    # the centred dot product, as this similarity was measured with (docs/benchmarks.md, RSO)
-    pair = disa_features(fixed, moving, device, cosine=False)
+    pair = disa_features(fixed, moving, device)
     identity = AffineTransform.identity(dtype=torch.float64)
 
     def on_grid(data, geometry):
