@@ -139,6 +139,42 @@ def synthesize_contrast(volume: Volume, labels: Volume, seed: int, bias: float =
     return Volume(out.float(), volume.geometry, name=name, metadata={"synthetic": True, "seed": int(seed)})
 
 
+#: Hounsfield units of air and of water: a CT voxel's non-air fraction is (HU − AIR) / (WATER − AIR)
+AIR_HU, WATER_HU = -1000.0, 0.0
+#: the weakest signal a tissue gives in the MR-like contrast, as a fraction of the brightest
+MIN_TISSUE_SIGNAL = 0.15
+
+
+def mr_like_contrast_of_ct(ct: Volume, labels: Volume, seed: int, bias: float = 0.2, noise: float = 0.03) -> Volume:
+    """An MR-like second contrast of a CT in Hounsfield units: :func:`synthesize_contrast` times proton density.
+
+    :func:`synthesize_contrast` draws any contrast, including ones where air, lung and soft tissue
+    come out one grey and the chest wall vanishes, which no MR sequence produces: air gives no MR
+    signal and lung parenchyma very little (it is ~85% air). Here the label-driven contrast (with its
+    bias field, without noise) is rescaled so that every tissue gives at least ``MIN_TISSUE_SIGNAL``
+    of the brightest, multiplied by the voxel's non-air fraction from its HU (air 0, lung ≈ 0.15,
+    water and denser 1; blurred by half a voxel like the rest), and then gets Gaussian noise of
+    standard deviation ``noise``. Which tissue is bright and which is dark stays random per ``seed``.
+    Neither input is modified.
+    """
+    if not isinstance(ct, Volume):
+        raise InvalidParameterError("mr_like_contrast_of_ct takes the CT as a Volume (Hounsfield units)")
+    if not (math.isfinite(noise) and noise >= 0):
+        raise InvalidParameterError(f"noise must be ≥ 0, got {noise!r}")
+    tissue = synthesize_contrast(ct, labels, seed, bias=bias, noise=0.0).data.double()
+    low, high = float(tissue.min()), float(tissue.max())
+    signal = MIN_TISSUE_SIGNAL + (1.0 - MIN_TISSUE_SIGNAL) * (tissue - low) / max(high - low, 1e-12)
+    hu = ct.data.detach().cpu().double()
+    non_air = ((hu - AIR_HU) / (WATER_HU - AIR_HU)).clamp(0.0, 1.0)
+    out = signal * _gaussian_blur(non_air.float(), (0.5, 0.5, 0.5)).double()
+    if noise > 0:
+        # a stream apart from synthesize_contrast's draws for the same seed
+        g = torch.Generator().manual_seed(int(seed) * 2 + 1)
+        out = out + noise * torch.randn(out.shape, generator=g, dtype=torch.float64)
+    name = f"{ct.name or 'ct'}_mr_like_contrast_seed{int(seed)}"
+    return Volume(out.float(), ct.geometry, name=name, metadata={"synthetic": True, "mr_like": True, "seed": int(seed)})
+
+
 def _covering_grid(geometry: ImageGeometry, spacing: float, margin_mm: float = 0.0) -> ImageGeometry:
     """An isotropic grid of ``spacing`` whose box (edge to edge) covers ``geometry``'s box plus
     ``margin_mm`` on every side; same centre and direction."""

@@ -21,7 +21,8 @@ from DeepMultimodalRegLib.errors import CancelledError, InvalidParameterError
 from DeepMultimodalRegLib.evaluation import foreground_points, target_registration_error
 from DeepMultimodalRegLib.image import ImageGeometry, Volume, read_volume
 from DeepMultimodalRegLib.progress import CancelToken
-from DeepMultimodalRegLib.synthetic import invert_displacement, smooth_random_deformation, synthesize_contrast
+from DeepMultimodalRegLib.synthetic import (MIN_TISSUE_SIGNAL, invert_displacement, mr_like_contrast_of_ct,
+                                            smooth_random_deformation, synthesize_contrast)
 from DeepMultimodalRegLib.transforms import (AffineTransform, CompositeTransform, RigidTransform,
                                              folding_fraction, jacobian_determinant, resample_tensor,
                                              warp_volume)
@@ -247,6 +248,32 @@ def test_synthesize_contrast_rejects_bad_input(pelvis_slab):
         synthesize_contrast(ct, labels, seed=1, noise=-0.1)
     with pytest.raises(InvalidParameterError):
         synthesize_contrast(ct, "labels", seed=1)
+
+
+def test_mr_like_contrast_keeps_air_dark_and_every_tissue_visible(pelvis_slab):
+    """Air gives no MR signal whatever the random contrast; every labelled tissue gives some."""
+    ct, labels = pelvis_slab
+    ct_before, labels_before = ct.data.clone(), labels.data.clone()
+    air = ct.data < -980  # outside air and bowel gas, away from partial-volume edges
+    tissue = ct.data > -100
+    assert int(air.sum()) > 1000 and int(tissue.sum()) > 1000
+    for seed in range(4):
+        out = mr_like_contrast_of_ct(ct, labels, seed=seed, noise=0.0)
+        assert out.geometry == ct.geometry and out.data.dtype == torch.float32 and torch.isfinite(out.data).all()
+        assert float(out.data[air].mean()) < 0.02, f"seed {seed}: air is not dark"
+        # every label's typical voxel stays above the air (no tissue vanishes into the background)
+        for label in torch.unique(labels.data[tissue]).tolist():
+            if label == 0:
+                continue
+            inside = (labels.data == label) & tissue
+            if int(inside.sum()) >= 50:
+                assert float(out.data[inside].median()) > 0.5 * MIN_TISSUE_SIGNAL, f"seed {seed}, label {label}"
+    a = mr_like_contrast_of_ct(ct, labels, seed=7)
+    assert torch.equal(a.data, mr_like_contrast_of_ct(ct, labels, seed=7).data)
+    assert not torch.allclose(a.data, mr_like_contrast_of_ct(ct, labels, seed=8).data)
+    assert torch.equal(ct.data, ct_before) and torch.equal(labels.data, labels_before)
+    with pytest.raises(InvalidParameterError):
+        mr_like_contrast_of_ct(ct, labels, seed=1, noise=float("nan"))
 
 
 def test_smooth_random_deformation_has_the_requested_amplitude(pelvis_slab):

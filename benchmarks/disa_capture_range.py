@@ -11,10 +11,13 @@ side on identical cases.
 * ``t2``: Kirby21 subject 113, T2 → T1 (real, co-registered contrasts);
 * ``flair``: Kirby21 subject 113, FLAIR → T1;
 * ``ct``: the LIDC-IDRI-0001 chest CT (HU clipped to [-1024, 3071], table and air cropped away,
-  central 200 mm in z) → a label-driven synthetic second contrast of it (``synthesize_contrast``
-  with its TotalSegmentator labels, a new random contrast per case, shifted so that the outside air
-  is 0 like the padding of the widened field of view).  Note: this CT was one of the DISA network's
-  training scans (the synthetic contrast was not).
+  central 200 mm in z) → a label-driven synthetic second contrast of it, a new random one per case,
+  shifted so that the outside air is 0 like the padding of the widened field of view.
+  ``--ct-contrast mr-like`` (default, ``mr_like_contrast_of_ct``): random intensity per label times
+  the voxel's non-air fraction, so air is dark and lung nearly so, as in every MR sequence;
+  ``--ct-contrast arbitrary`` (``synthesize_contrast``, the records before 2026-12-07): any contrast,
+  air, lung and soft tissue one grey included.  Note: this CT was one of the DISA network's
+  training scans (the synthetic contrasts were not).
 
 **Cases.**  For each pair and each initial-error bin (0–25, 25–50, 50–75, 75–100 mm), rigid
 transforms are drawn at random (seeded): rotations uniform within ±40° about every axis (about the
@@ -96,6 +99,8 @@ from disa_descriptor import machine_info  # noqa: E402  (shared benchmark helper
 REPO = Path(__file__).resolve().parents[1]
 BINS_MM = ((0.0, 25.0), (25.0, 50.0), (50.0, 75.0), (75.0, 100.0))
 ALL_PAIRS = ("t2", "flair", "ct")
+#: the ct pair's second contrast (the default first): see the module docstring
+CT_CONTRASTS = ("mr-like", "arbitrary")
 ALL_METHODS = ("disa-local", "disa-local-resampled", "disa-global", "disa-global-mind", "disa-global-resampled",
                "mind-local", "mind-global", "lc2-local", "sitk-mattes")
 #: method name → (library method, search)
@@ -155,12 +160,12 @@ def load_kirby21(name: str, data_dir: Path, points: int, seed: int) -> Pair:
                       f"{tuple(t1.shape)}", t1, _points(brain, t1, points, seed), lambda seed_: other)
 
 
-def load_chest_ct(data_dir: Path, points: int, seed: int) -> Pair:
+def load_chest_ct(data_dir: Path, points: int, seed: int, contrast_kind: str = "mr-like") -> Pair:
     """The LIDC chest CT: clipped HU, cropped to the body (no table) and the central 200 mm in z, 2 mm."""
     from scipy import ndimage
 
     from DeepMultimodalRegLib.image.geometry import ImageGeometry
-    from DeepMultimodalRegLib.synthetic import synthesize_contrast
+    from DeepMultimodalRegLib.synthetic import mr_like_contrast_of_ct, synthesize_contrast
 
     folder = data_dir / "ct_chest_lidc0001"
     ct = read_volume(folder / "ct.nii.gz", name="lidc0001_ct").float()
@@ -198,20 +203,22 @@ def load_chest_ct(data_dir: Path, points: int, seed: int) -> Pair:
     # misaligned_copy pads with, so its field-of-view border is no edge the CT lacks
     outside_air = (fixed.data < -900) & (lab.data == 0)
 
+    synthesise = {"mr-like": mr_like_contrast_of_ct, "arbitrary": synthesize_contrast}[contrast_kind]
+
     def contrast(case_seed: int) -> Volume:
-        synthetic = synthesize_contrast(fixed, lab, seed=case_seed)
+        synthetic = synthesise(fixed, lab, seed=case_seed)
         return synthetic.with_data(synthetic.data - float(synthetic.data[outside_air].mean()))
 
-    return Pair("ct", f"LIDC-IDRI-0001 chest CT (body crop, central 200 mm) → label-synthesised contrast "
-                      f"(new per case), 2 mm, grid {tuple(fixed.shape)}", fixed,
+    return Pair("ct", f"LIDC-IDRI-0001 chest CT (body crop, central 200 mm) → label-synthesised {contrast_kind} "
+                      f"contrast (new per case), 2 mm, grid {tuple(fixed.shape)}", fixed,
                 _points(body_2mm > 0.5, fixed, points, seed), contrast, lab)
 
 
-def load_pair(name: str, data_dir: Path, points: int, seed: int) -> Pair:
+def load_pair(name: str, data_dir: Path, points: int, seed: int, ct_contrast: str = "mr-like") -> Pair:
     if name in ("t2", "flair"):
         return load_kirby21(name, data_dir, points, seed)
     if name == "ct":
-        return load_chest_ct(data_dir, points, seed)
+        return load_chest_ct(data_dir, points, seed, ct_contrast)
     raise SystemExit(f"unknown pair {name!r}; choose from {', '.join(ALL_PAIRS)}")
 
 
@@ -572,6 +579,9 @@ def parse_args(argv=None):
     ap.add_argument("--disa-weights", type=Path, default=None,
                     help="disa-*: a DISA state_dict to measure instead of the shipped `disa` weights "
                          "(its SHA-256 goes into the record)")
+    ap.add_argument("--ct-contrast", choices=CT_CONTRASTS, default=CT_CONTRASTS[0],
+                    help="the ct pair's second contrast: mr-like (air and lung dark) or arbitrary (any label-driven "
+                         "contrast; the records before 2026-12-07)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2, help="torch and SimpleITK threads")
     ap.add_argument("--seed", type=int, default=0)
@@ -612,7 +622,7 @@ def write_json(record: dict, path: Path) -> None:
 
 #: settings a resumed run must share with the record it continues
 _RESUME_KEYS = ("seed", "margin_mm", "starts", "range_deg", "range_mm", "success_mm", "points", "device",
-                "disa_weights")
+                "disa_weights", "ct_contrast")
 
 
 def main(argv=None) -> dict:
@@ -666,7 +676,7 @@ def main(argv=None) -> dict:
     cases: dict[str, dict[int, list[dict]]] = {}
     for k, name in enumerate(args.pairs):
         t0 = time.perf_counter()
-        pairs[name] = load_pair(name, args.data_dir, args.points, args.seed)
+        pairs[name] = load_pair(name, args.data_dir, args.points, args.seed, args.ct_contrast)
         cases[name] = draw_cases(pairs[name], args.cases_per_bin, args.seed * 1000 + 17 * k + 1)
         record["pairs"][name] = {"description": pairs[name].description, "fixed_grid": list(pairs[name].fixed.shape),
                                  "points": int(pairs[name].points.shape[0])}

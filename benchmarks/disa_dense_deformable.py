@@ -34,7 +34,7 @@ from DeepMultimodalRegLib.transforms.linear import RigidTransform
 from DeepMultimodalRegLib.transforms.resample import warp_volume
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from disa_capture_range import load_pair  # noqa: E402  (the same pairs as the capture-range benchmark)
+from disa_capture_range import CT_CONTRASTS, load_pair  # noqa: E402  (the same pairs as the capture-range benchmark)
 from disa_descriptor import machine_info  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,6 +132,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pair", default="ct", choices=("ct", "t2", "flair"),
                         help="ct: LIDC chest CT → synthetic contrast; t2/flair: Kirby21 T1 ← T2/FLAIR")
+    parser.add_argument("--ct-contrast", choices=CT_CONTRASTS, default=CT_CONTRASTS[0],
+                        help="ct: the second contrast, mr-like (air and lung dark) or arbitrary (records before 2026-12-07)")
     parser.add_argument("--cases", type=int, default=2)
     parser.add_argument("--first-case", type=int, default=0, help="seed of the first case's deformation")
     parser.add_argument("--amplitude-mm", type=float, default=8.0, help="largest displacement of the known field")
@@ -154,7 +156,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     torch.set_num_threads(args.threads)
-    pair = load_pair(args.pair, args.data_dir, points=2000, seed=0)
+    pair = load_pair(args.pair, args.data_dir, points=2000, seed=0, ct_contrast=args.ct_contrast)
     record = {"benchmark": "disa_dense_deformable", "command": " ".join(sys.argv),
               "machine": machine_info([torch.device(args.device)]), "pair": pair.description,
               "deformation": {"amplitude_mm": args.amplitude_mm, "control_spacing_mm": args.control_spacing_mm},
