@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from DeepMultimodalRegLib.disa.register import AFFINE_WEIGHTINGS
+from DeepMultimodalRegLib.disa.register import AFFINE_WEIGHTINGS, DENSE_DESCRIPTOR_STRIDES, DISA_COMPARISONS
 from DeepMultimodalRegLib.evaluation import target_registration_error
 from DeepMultimodalRegLib.methods.registry import RegistrationOptions, get_method
 from DeepMultimodalRegLib.synthetic import invert_displacement, smooth_random_deformation
@@ -141,11 +141,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--methods", default="disa-deformable,mind-deformable")
     parser.add_argument("--affine-weighting", choices=AFFINE_WEIGHTINGS, default=None,
                         help="weights of the affine stage (default: each method's own, see disa/register.py)")
-    parser.add_argument("--dense-descriptor-stride", type=int, choices=(2, 4), default=None,
+    parser.add_argument("--dense-descriptor-stride", type=int, choices=DENSE_DESCRIPTOR_STRIDES, default=None,
                         help="disa-deformable: DISA map of the dense stage (default: the engine's)")
-    parser.add_argument("--dense-disa-comparison", choices=("cosine", "dot"), default=None,
+    parser.add_argument("--dense-disa-comparison", choices=DISA_COMPARISONS, default=None,
                         help="disa-deformable: how the dense stage compares descriptors (default: the engine's)")
-    parser.add_argument("--disa-comparison", choices=("cosine", "dot"), default=None,
+    parser.add_argument("--disa-comparison", choices=DISA_COMPARISONS, default=None,
                         help="disa-*: how the linear stages compare descriptors (default: the engine's)")
     parser.add_argument("--dense", type=_dense_overrides, default=None,
                         help="dense-stage settings, e.g. smoothing_sigma_mm=16,patch_sigma_mm=8 (default: the engine's)")

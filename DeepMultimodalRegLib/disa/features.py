@@ -14,7 +14,7 @@ so comparisons between them run on identical code paths.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -157,9 +157,7 @@ def cosine_pair(pair: FeaturePair) -> FeaturePair:
     weights 0.88 mm (ad hoc, docs/benchmarks.md); on two known deformations both together took the
     error 3.24 / 4.06 mm → 1.73 / 1.62 mm, against 2.15 / 2.04 mm as compared before.
     """
-    unit = unit_length_pair(pair)
-    return FeaturePair(unit.fixed, unit.moving, support_weights(pair.weight), pair.comparison, pair.point_stride,
-                       f"{pair.name}, cosine", pair.seconds, pair.coarse_factor, pair.centre, True)
+    return replace(unit_length_pair(pair), weight=support_weights(pair.weight), name=f"{pair.name}, cosine")
 
 
 def unit_length_pair(pair: FeaturePair) -> FeaturePair:
@@ -179,8 +177,7 @@ def unit_length_pair(pair: FeaturePair) -> FeaturePair:
     def unit(feature_map: FeatureMap) -> FeatureMap:
         return FeatureMap(_compared(feature_map.data, 0.0, True), feature_map.geometry)
 
-    return FeaturePair(unit(pair.fixed), unit(pair.moving), pair.weight, pair.comparison, pair.point_stride,
-                       pair.name, pair.seconds, pair.coarse_factor, pair.centre, True)
+    return replace(pair, fixed=unit(pair.fixed), moving=unit(pair.moving), unit_length=True)
 
 
 def _masked_moving(prepared: Volume, moving_mask: Optional[Volume]) -> Volume:
