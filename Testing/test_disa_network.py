@@ -278,6 +278,32 @@ def test_a_constant_border_is_skipped_with_the_same_descriptors(model, t1_block,
     assert torch.allclose(via_library, trimmed[0], rtol=0, atol=1e-6)
 
 
+def test_sign_symmetric_descriptors_skip_the_border_of_both_signs_in_one_batch(model, t1_block, monkeypatch):
+    """The sign-symmetric library path runs the volume and its negative as one batch of two, each
+    padded with its own constant (b and -b): inside the volume it equals the mean of two separate full
+    passes, and the border is still not run through the network."""
+    from DeepMultimodalRegLib.networks import disa_border
+
+    monkeypatch.setattr(disa_border, "MAX_CROP_FRACTION", 0.9)
+    content = t1_block[:24, :24, :24]
+    background = float(content.min()) - 1.0
+    x = torch.nn.functional.pad(content, (16, 16, 16, 16, 70, 62), value=background)[None, None]
+    volume = Volume(x[0, 0], ImageGeometry(shape=tuple(x.shape[2:]), spacing=(2.0, 2.0, 2.0)))
+    batches = []
+    original = disa_net._forward
+    monkeypatch.setattr(disa_net, "_forward", lambda m, u, *a: batches.append(tuple(u.shape)) or original(m, u, *a))
+    sym, _ = compute_descriptors(model, volume, device="cpu", sign_symmetric=True)
+    with torch.no_grad():
+        expected = 0.5 * (model(x) + model(-x))[0]
+    assert all(b[0] == 2 for b in batches) and max(b[2] for b in batches) < 156
+    half = RECEPTIVE_FIELD // 2
+    inside = [[k for k in range(m) if 4 * k - half >= 0 and 4 * k + half <= n - 1]
+              for n, m in zip(x.shape[2:], sym.shape[1:])]
+    z, y, w = (slice(r[0], r[-1] + 1) for r in inside)
+    assert torch.allclose(sym[:, z, y, w], expected[:, z, y, w], rtol=0, atol=1e-5)
+    assert (expected[:, 6, 6, 6] - expected[:, 19, 6, 6]).abs().max() > 1e-3  # (content differs: not vacuous)
+
+
 # ---------------------------------------------------------------------------- à trous (output stride 2)
 def test_a_trous_map_is_the_trained_map_at_even_sites_and_the_shifted_network_at_odd_sites(model64):
     """Oracles: the stride-4 network itself.  Even sites of the stride-2 map are its output; the site

@@ -34,8 +34,9 @@ _CUBE = RECEPTIVE_FIELD + 3
 
 
 def _content_bounds(x: torch.Tensor, value: torch.Tensor) -> list[tuple[int, int]] | None:
-    """Per axis (z, y, x) the [first, last + 1) voxel differing from ``value``; None if there is none."""
-    content = x != value
+    """Per axis (z, y, x) the [first, last + 1) voxel where any of the [B, D, H, W] volumes ``x`` differs
+    from its own border ``value`` [B]; None if there is none."""
+    content = (x != value[:, None, None, None]).any(dim=0)
     bounds = []
     for axis in range(3):
         others = tuple(a for a in range(3) if a != axis)
@@ -49,18 +50,19 @@ def _content_bounds(x: torch.Tensor, value: torch.Tensor) -> list[tuple[int, int
 
 def forward_skipping_constant_border(forward: Callable[[torch.Tensor], torch.Tensor],
                                      x: torch.Tensor, output_stride: int = OUTPUT_STRIDE) -> torch.Tensor:
-    """``forward(x)`` for a [1, 1, D, H, W] input, with the network run only on its non-constant part.
+    """``forward(x)`` for a [B, 1, D, H, W] input, with the network run only on its non-constant part.
 
-    The border constant is the value of the first voxel; a volume without such a border (or whose
-    content fills most of it) takes the plain pass.  ``forward`` maps [1, 1, d, h, w] to
+    Each volume's border constant is the value of its first voxel, and the crop holds the content of
+    all B (the sign-symmetric descriptors run a volume and its negative as one batch); a volume
+    without such a border (or whose content fills most of it) takes the plain pass.  ``forward`` maps [1, 1, d, h, w] to
     [1, C, ceil(d/s), ceil(h/s), ceil(w/s)], s = ``output_stride`` (one network pass, or one in z-slabs).
     """
     s_out = output_stride
-    if x.shape[0] != 1 or x.shape[1] != 1:
+    if x.shape[1] != 1:
         return forward(x)
     shape = tuple(int(n) for n in x.shape[2:])
-    value = x[0, 0, 0, 0, 0]
-    bounds = _content_bounds(x[0, 0], value)
+    value = x[:, 0, 0, 0, 0]
+    bounds = _content_bounds(x[:, 0], value)
     starts, ends = [], []
     for (first, last), n in zip(bounds or [(0, 0)] * 3, shape):
         start = max(0, first - KEPT_BORDER) // CROP_ALIGNMENT * CROP_ALIGNMENT
@@ -73,10 +75,10 @@ def forward_skipping_constant_border(forward: Callable[[torch.Tensor], torch.Ten
     if crop_voxels > MAX_CROP_FRACTION * total:
         return forward(x)
     centre = RECEPTIVE_FIELD // 2 // s_out
-    cube = torch.full((1, 1, _CUBE, _CUBE, _CUBE), float(value), dtype=x.dtype, device=x.device)
+    cube = value[:, None, None, None, None].expand(-1, 1, _CUBE, _CUBE, _CUBE).to(x.dtype).contiguous()
     constant = forward(cube)[:, :, centre, centre, centre]
     out_shape = descriptor_shape(shape, s_out)
-    out = constant[:, :, None, None, None].expand(1, constant.shape[1], *out_shape).clone()
+    out = constant[:, :, None, None, None].expand(*constant.shape, *out_shape).clone()
     if bounds is None:
         return out
     crop = forward(x[:, :, starts[0]:ends[0], starts[1]:ends[1], starts[2]:ends[2]])
