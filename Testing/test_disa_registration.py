@@ -159,6 +159,26 @@ def test_objective_of_linear_transforms_equals_sampling_the_mapped_points(sample
         assert torch.allclose(fast, reference, rtol=1e-4, atol=1e-6)
 
 
+def test_a_point_budget_under_equal_weights_spreads_over_the_whole_map():
+    """Equal (support) weights tie every cell: the cells kept under a point budget must still cover
+    the whole map, not the first ones in memory order (the lowest slices, which let the affine stage
+    stretch the chest CT 12% along z).  Unequal weights still keep the heaviest cells; both are
+    deterministic."""
+    shape = (27, 34, 45)  # the chest CT's 8 mm map
+    geometry = ImageGeometry(shape=shape, spacing=(8.0, 8.0, 8.0))
+    features = FeatureMap(torch.zeros(16, *shape), geometry)
+    equal = FeaturePair(features, features, torch.ones(shape), "dot")
+    objective = FeatureObjective(equal, 12000)
+    z = objective.points[:, 2] / 8.0  # (k of each point; the map's origin is 0)
+    assert objective.point_count == 12000
+    counts = torch.histc(z, bins=3, min=-0.5, max=shape[0] - 0.5)
+    assert float(counts.min()) > 0.8 * 12000 / 3, counts  # every third of the slab holds its share
+    assert torch.equal(objective.points, FeatureObjective(equal, 12000).points)
+    graded = torch.arange(shape[0], dtype=torch.float32)[:, None, None].expand(shape).contiguous() + 1
+    heaviest = FeatureObjective(FeaturePair(features, features, graded, "dot"), 12000)
+    assert float((heaviest.points[:, 2] / 8.0).min()) > 0.5 * shape[0]  # the top slices only
+
+
 @pytest.mark.parametrize("kind", ["disa", "mind"])
 def test_gather_and_grid_sample_samplers_give_the_same_objective_and_gradient(sample_t1, sample_t2, kind):
     """The CPU's channels-last gather against grid_sample (the GPU's sampler, run here on the CPU):

@@ -40,7 +40,11 @@ def _fixed_locations(pair: FeaturePair, max_points: int | None, oversample: int 
     interpolation no longer line up and the objective varies smoothly at sub-cell scale.
 
     Cells are the map's voxels every ``point_stride`` (weight > 0); with ``max_points`` the
-    heaviest cells are kept (stable sort: deterministic), ``oversample`` points in each.
+    heaviest cells are kept, ``oversample`` points in each.  Cells of equal weight are kept in a seeded
+    random order, not in memory order.  Why: under equal weights (the affine stage's support weights)
+    every cell ties, and a stable sort kept the first cells in memory order, i.e. the lowest z-slices
+    only (on the chest CT the bottom 4 of 27 slices): a slab that cannot pin the scale along z, and the
+    affine stage stretched the chest 12% along it (docs/benchmarks.md).  Deterministic all the same.
     """
     weight = pair.weight
     s = pair.point_stride
@@ -49,8 +53,11 @@ def _fixed_locations(pair: FeaturePair, max_points: int | None, oversample: int 
     keep &= weight > 0
     index = torch.nonzero(keep.reshape(-1)).squeeze(1)
     if max_points is not None and index.numel() * oversample > max_points:
-        w = weight.reshape(-1)[index]
-        order = torch.sort(w, descending=True, stable=True).indices[:max(1, max_points // oversample)]
+        # its own generator: the jitter below stays what it was (weights without ties keep their points)
+        tie_order = torch.Generator().manual_seed(seed + 1)
+        shuffled = torch.randperm(index.numel(), generator=tie_order).to(index.device)
+        w = weight.reshape(-1)[index[shuffled]]
+        order = shuffled[torch.sort(w, descending=True, stable=True).indices[:max(1, max_points // oversample)]]
         index = index[torch.sort(order).values]  # keep memory order (cache friendly)
     d, h, wd = weight.shape
     k, rem = index // (h * wd), index % (h * wd)
