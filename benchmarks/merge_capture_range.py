@@ -60,7 +60,12 @@ def merge(records: list[dict], same_cases: bool = False, only: list[str] | None 
         methods += [m for m in record["args"]["methods"] if m not in methods and (only is None or m in only)]
         pairs += [p for p in record["args"]["pairs"] if p not in pairs]
     first = records[0]
-    return {**first, "runs": runs, "args": {**first["args"], "methods": methods, "pairs": pairs},
+    args = {**first["args"], "methods": methods, "pairs": pairs}
+    for record in records:  # LC²'s own limits from the record that ran it
+        if "lc2-local" in record["args"]["methods"]:
+            args.update({k: v for k, v in record["args"].items() if k.startswith("lc2_")})
+            break
+    return {**first, "runs": runs, "args": args,
             "merged_from": [r.get("args", {}).get("out") for r in records],
             "summary": summarise(runs, pairs, methods)}
 
@@ -75,10 +80,15 @@ def main(argv=None) -> str:
     if len(args.records) < 2:
         ap.error("give at least two records")
     only = args.methods.split(",") if args.methods else None
-    merged = merge([json.loads(p.read_text()) for p in args.records], args.same_cases, only)
+    records = [json.loads(p.read_text()) for p in args.records]
+    merged = merge(records, args.same_cases, only)
     if args.out:
         write_json(merged, args.out)
     table = markdown_table(merged)
+    threads = {r.get("args", {}).get("threads") for r in records}
+    if len(threads) > 1:
+        table += (f"\n- The merged records ran with different thread counts ({sorted(threads)}) and possibly "
+                  "under different loads: compare times only within one record.")
     print(table)
     return table
 
