@@ -53,9 +53,10 @@ def forward_skipping_constant_border(forward: Callable[[torch.Tensor], torch.Ten
     """``forward(x)`` for a [B, 1, D, H, W] input, with the network run only on its non-constant part.
 
     Each volume's border constant is the value of its first voxel, and the crop holds the content of
-    all B (the sign-symmetric descriptors run a volume and its negative as one batch); a volume
-    without such a border (or whose content fills most of it) takes the plain pass.  ``forward`` maps [1, 1, d, h, w] to
-    [1, C, ceil(d/s), ceil(h/s), ceil(w/s)], s = ``output_stride`` (one network pass, or one in z-slabs).
+    all B (the sign-symmetric descriptors run a volume and its negative as one batch); volumes
+    without such a border (or whose content fills most of the grid) take the plain pass.  ``forward``
+    maps [B, 1, d, h, w] to [B, C, ceil(d/s), ceil(h/s), ceil(w/s)], s = ``output_stride`` (one network
+    pass, or one in z-slabs).
     """
     s_out = output_stride
     if x.shape[1] != 1:

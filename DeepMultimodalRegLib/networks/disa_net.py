@@ -341,9 +341,10 @@ def sign_symmetric_mean(forward, x: torch.Tensor) -> torch.Tensor:
     """½(forward(x) + forward(−x)): descriptors that ignore the sign of the image, as LC² does (see
     :func:`compute_descriptors`); training (``train disa --sign-symmetric``) uses the same helper.
 
-    Both signs run as one batch: on the CPU one pass of two volumes takes about 10–15% less time than
-    two passes of one (the one-channel first convolution is poorly vectorised at batch size 1; a
-    105×133×180 volume, 1 and 2 threads, docs/benchmarks.md), for twice the activation memory."""
+    Both signs run as one batch: on the CPU one pass of two volumes took 4–21% less time than two
+    passes of one (a 105×133×180 volume on an idle 2-core machine, 1 and 2 threads; the one-channel
+    first convolution is poorly vectorised at batch size 1; docs/benchmarks.md, "Chest-CT time with the
+    batched sign-symmetric passes"), for twice the activation memory of one pass."""
     n = x.shape[0]
     y = forward(torch.cat([x, -x]))
     return 0.5 * (y[:n] + y[n:])
