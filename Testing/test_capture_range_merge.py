@@ -29,6 +29,8 @@ def test_records_of_the_same_cases_merge_and_duplicates_count_once():
     assert t2["sitk-mattes"]["cases"] == 10 and t2["sitk-mattes"]["successes"] == 10  # first record's runs, 10 cells
     assert t2["mind-local"]["cases"] == 10 and t2["mind-local"]["successes"] == 0
     assert merged["summary"]["ct"]["methods"]["mind-local"]["cases"] == 10
+    assert sorted((c["pair"], c["case"]) for c in merged["cases"]) == sorted(
+        [("ct", i) for i in range(10)] + [("t2", i) for i in range(10)])  # the cases of the kept cells, every pair
     assert merge([twenty, ten], same_cases=False)["summary"]["t2"]["methods"]["sitk-mattes"]["cases"] == 20
     only = merge([twenty, ten], same_cases=True, only=["mind-local"])
     assert list(only["summary"]["t2"]["methods"]) == ["mind-local"]

@@ -6,9 +6,10 @@ different invocations, e.g. the slow ones on one core while the others ran on th
 Records may hold different pairs.  Where two records hold the same (pair, bin, case), its drawn
 initial error must agree (the same seeded truth), or the merge is refused: runs of different cases
 never share a row; a run of the same method on the same cell in two records is kept once, from the
-first record that has it.  ``--methods`` keeps only the methods named.  ``--same-cases`` keeps only the (pair, bin, case) cells that every record holding
-that pair reached (a record of 10 cases per bin merged with one of 20 keeps the first 10).  Times
-come from the runs as recorded; records made under different loads say so in their notes.
+first record that has it.  ``--methods`` keeps only the methods named.  ``--same-cases`` keeps only
+the (pair, bin, case) cells that every record holding that pair reached (a record of 10 cases per
+bin merged with one of 20 keeps the first 10).  Times come from the runs as recorded; when the
+records used different thread counts the table says so.
 ``disa_capture_range.py --table`` prints a single record.
 """
 
@@ -31,7 +32,8 @@ def _cell(item: dict) -> tuple:
 
 
 def merge(records: list[dict], same_cases: bool = False, only: list[str] | None = None) -> dict:
-    """The records' runs as one record (the first record's settings, every record's methods and pairs)."""
+    """The records' runs as one record: the first record's settings, every record's methods, pairs and
+    cases (those kept)."""
     initial: dict[tuple, float] = {}
     for k, record in enumerate(records):
         for case in record.get("cases", []):
@@ -47,6 +49,10 @@ def merge(records: list[dict], same_cases: bool = False, only: list[str] | None 
             if key not in seen and (only is None or r["method"] in only):
                 seen.add(key)
                 runs.append(r)
+    cases = {}
+    for record in records:
+        for case in record.get("cases", []):
+            cases.setdefault(_cell(case), case)
     if same_cases:
         by_pair: dict[str, set] = {}
         for record in records:
@@ -55,6 +61,7 @@ def merge(records: list[dict], same_cases: bool = False, only: list[str] | None 
                 mine = {c for c in cells if c[0] == pair}
                 by_pair[pair] = by_pair[pair] & mine if pair in by_pair else mine
         runs = [r for r in runs if _cell(r) in by_pair.get(r["pair"], set())]
+        cases = {cell: case for cell, case in cases.items() if cell in by_pair.get(cell[0], set())}
     methods, pairs = [], []
     for record in records:
         methods += [m for m in record["args"]["methods"] if m not in methods and (only is None or m in only)]
@@ -65,8 +72,7 @@ def merge(records: list[dict], same_cases: bool = False, only: list[str] | None 
         if "lc2-local" in record["args"]["methods"]:
             args.update({k: v for k, v in record["args"].items() if k.startswith("lc2_")})
             break
-    return {**first, "runs": runs, "args": args,
-            "merged_from": [r.get("args", {}).get("out") for r in records],
+    return {**first, "runs": runs, "args": args, "cases": list(cases.values()),
             "summary": summarise(runs, pairs, methods)}
 
 
@@ -81,7 +87,7 @@ def main(argv=None) -> str:
         ap.error("give at least two records")
     only = args.methods.split(",") if args.methods else None
     records = [json.loads(p.read_text()) for p in args.records]
-    merged = merge(records, args.same_cases, only)
+    merged = {**merge(records, args.same_cases, only), "merged_from": [str(p) for p in args.records]}
     if args.out:
         write_json(merged, args.out)
     table = markdown_table(merged)

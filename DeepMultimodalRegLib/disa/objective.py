@@ -43,7 +43,7 @@ def _fixed_locations(pair: FeaturePair, max_points: int | None, oversample: int 
     heaviest cells are kept, ``oversample`` points in each.  Cells of equal weight are kept in a seeded
     random order, not in memory order.  Why: under equal weights (the affine stage's support weights)
     every cell ties, and a stable sort kept the first cells in memory order, i.e. the lowest z-slices
-    only (on the chest CT the bottom 4 of 27 slices): a slab that cannot pin the scale along z, and the
+    only (on the chest CT slices 0–4 of 27): a slab that cannot pin the scale along z, and the
     affine stage stretched the chest 12% along it (docs/benchmarks.md).  Deterministic all the same.
     """
     weight = pair.weight
