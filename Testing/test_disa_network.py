@@ -87,6 +87,40 @@ def test_residual_block_adds_the_skip_after_the_second_activation():
     assert torch.allclose(block(x), expected, atol=1e-6)
 
 
+def test_residual_block_without_autograd_adds_in_place_and_leaves_its_input_alone():
+    torch.manual_seed(1)
+    block = disa_net.ResidualBlock(4).eval()
+    x = torch.randn(1, 4, 6, 6, 6)
+    before = x.clone()
+    with torch.enable_grad():
+        recorded = block(x)
+    with torch.inference_mode():
+        in_place = block(x)
+    assert torch.equal(x, before)
+    assert torch.allclose(in_place, recorded, atol=1e-7)
+
+
+@pytest.mark.parametrize("stride", [2, 1])
+def test_blur_pool_equals_scipy_replicate_padded_blur_at_every_size(stride):
+    """The blur is a zero-padded convolution with its edge planes redone; scipy's 'nearest' mode is
+    the replicate padding it must equal, on axes from 1 voxel (every output an edge) to 12."""
+    import itertools
+
+    from scipy import ndimage
+
+    blur = BlurPool3d(2).double()
+    kernel = blur.f[0, 0].double().numpy()
+    rng = np.random.default_rng(3)
+    for shape in itertools.product((1, 2, 3, 5, 6), (4, 7), (2, 11, 12)):
+        x = rng.normal(size=(1, 2, *shape))
+        with torch.no_grad():
+            got = blur(torch.from_numpy(x), stride=stride).numpy()
+        for c in range(2):
+            want = ndimage.correlate(x[0, c], kernel, mode="nearest")[::stride, ::stride, ::stride]
+            assert got.shape[2:] == want.shape, shape
+            np.testing.assert_allclose(got[0, c], want, atol=1e-12, err_msg=str(shape))
+
+
 @pytest.mark.parametrize("shape", [(32, 32, 32), (33, 30, 29), (8, 9, 10), (21, 16, 13)])
 def test_output_grid_is_input_over_four_rounded_up(model, shape):
     with torch.no_grad():

@@ -50,6 +50,34 @@ def test_gather_equals_grid_sample_route_and_has_its_gradient():
     torch.autograd.gradcheck(lambda p: ChannelsLastMap(data).sample(p), (inner,))
 
 
+def test_gather_gradient_over_several_chunks_equals_the_grid_sample_route(monkeypatch):
+    """The backward pass reuses each chunk's corners from the forward pass: with chunks of 7 points,
+    points inside, outside and in the clamped rim must all get grid_sample's gradient."""
+    from DeepMultimodalRegLib.disa import trilinear
+    from DeepMultimodalRegLib.image.geometry import ImageGeometry
+    from DeepMultimodalRegLib.transforms.sampling import sample_at_points
+
+    monkeypatch.setattr(trilinear, "CHUNK_POINTS", 7)
+    g = torch.Generator().manual_seed(2)
+    shape = (5, 7, 9)
+    data = torch.randn(3, *shape, generator=g, dtype=torch.float64)
+    geometry = ImageGeometry(shape=shape, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+                             direction=tuple(np.eye(3).ravel()))
+    # x, y, z from 1.5 voxels before the grid to 1.5 beyond it
+    points = torch.rand(2, 50, 3, generator=g, dtype=torch.float64) * torch.tensor([11.0, 9.0, 7.0]) - 1.5
+    upstream = torch.randn(2, 50, 3, generator=g, dtype=torch.float64)
+    ours = points.clone().requires_grad_(True)
+    (ChannelsLastMap(data).sample(ours) * upstream).sum().backward()
+    theirs = points.clone().requires_grad_(True)
+    (sample_at_points(data, geometry, theirs).transpose(1, 2) * upstream).sum().backward()
+    # the module's rule: a point outside the voxel centres' box (clamped on some axis, or outside the
+    # map) has no derivative on any axis; every other point has grid_sample's
+    upper = torch.tensor([shape[2] - 1, shape[1] - 1, shape[0] - 1], dtype=torch.float64)
+    moves = ((points > 0) & (points < upper)).all(-1, keepdim=True)
+    assert 10 < int(moves.sum()) < 90
+    assert torch.allclose(ours.grad, torch.where(moves, theirs.grad, torch.zeros_like(theirs.grad)), atol=1e-10)
+
+
 def test_gather_refuses_a_map_without_channels():
     with pytest.raises(ValueError, match="C, D, H, W"):
         ChannelsLastMap(torch.zeros(4, 5, 6))

@@ -590,6 +590,9 @@ def parse_args(argv=None):
                                                            "(default docs/disa_capture_range_<date>.json)")
     ap.add_argument("--resume", action="store_true", help="keep the runs already in --out and do the rest")
     ap.add_argument("--no-evaluation-cost", action="store_true", help="skip the per-evaluation timing")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="leave glibc's allocator as it is (by default freed memory is kept for reuse, as the "
+                         "deepmmreg program does; DeepMultimodalRegLib/heap_reuse.py)")
     ap.add_argument("--table", type=Path, default=None, help="only print the markdown table of this JSON record")
     args = ap.parse_args(argv)
     args.pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
@@ -635,6 +638,10 @@ def main(argv=None) -> dict:
 
     import DeepMultimodalRegLib.disa  # noqa: F401  (registers disa-*, mind-*, lc2-rigid)
 
+    from DeepMultimodalRegLib.heap_reuse import reuse_freed_memory
+
+    # as `deepmmreg` does when run as a program; every method of the run shares the setting
+    heap_reuse = False if args.system_malloc else reuse_freed_memory()
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "table"}
@@ -662,6 +669,7 @@ def main(argv=None) -> dict:
     if previous and "evaluation_cost" in previous:
         record["evaluation_cost"] = previous["evaluation_cost"]
     record["machine"]["simpleitk_threads"] = args.threads
+    record["machine"]["heap_reuse"] = heap_reuse
     if args.disa_weights:
         import hashlib
 

@@ -435,6 +435,10 @@ COMMANDS = {"apply": cmd_apply, "register": cmd_register, "demo": cmd_demo, "mod
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # run as a program (not called from Python): large tensors reuse freed heap memory
+        from ..heap_reuse import reuse_freed_memory
+
+        reuse_freed_memory()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
