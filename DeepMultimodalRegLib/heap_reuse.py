@@ -3,9 +3,11 @@
 Why: glibc serves an allocation above its mmap threshold (at most 32 MB) with a fresh memory mapping
 and unmaps it when it is freed.  The DISA network's full-resolution activations are 100-300 MB each,
 allocated and freed on every layer of every pass, so the kernel faults each of them in again page by
-page.  On the 2-core VM of docs/benchmarks.md a chest-CT global registration spent a quarter of its
-CPU time in the kernel this way; ten network passes over that CT's grid took 12.3 s of kernel time
-with the default settings and 1.2 s with these (ad hoc measurement, 2026-12-07).
+page.  On the 2-core VM of docs/benchmarks.md four chest-CT global registrations spent a fifth of their
+CPU time in the kernel (1 min 48 s of 8 min 49 s); twelve network passes over that CT's grid took
+14.4 s of kernel time with the default settings and 1.3 s with these (ad hoc measurements,
+2026-12-07).  Not every block is reused (the heap still grows when no free block fits):
+Testing/test_heap_reuse.py measures 4-5x fewer page faults on a network-like pattern.
 
 With memory mappings off and trimming raised, freed blocks stay in the heap and are reused.  The cost:
 the process keeps its peak heap until it exits.  That suits a command-line run or a benchmark, which is
