@@ -119,6 +119,9 @@ def test_blur_pool_equals_scipy_replicate_padded_blur_at_every_size(stride):
             want = ndimage.correlate(x[0, c], kernel, mode="nearest")[::stride, ::stride, ::stride]
             assert got.shape[2:] == want.shape, shape
             np.testing.assert_allclose(got[0, c], want, atol=1e-12, err_msg=str(shape))
+    # training back-propagates through the overwritten edge planes: the gradient must follow them
+    x = torch.from_numpy(rng.normal(size=(1, 2, 5, 4, 6))).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v: blur(v, stride=stride), (x,))
 
 
 @pytest.mark.parametrize("shape", [(32, 32, 32), (33, 30, 29), (8, 9, 10), (21, 16, 13)])
