@@ -11,8 +11,9 @@ Testing/test_heap_reuse.py measures 4-5x fewer page faults on a network-like pat
 
 With memory mappings off and trimming raised, freed blocks stay in the heap and are reused.  The cost:
 the process keeps its peak heap until it exits.  That suits a command-line run or a benchmark, which is
-where it is switched on (``deepmmreg`` run as a program, the benchmarks); a library import never does
-it, so a long-lived host such as Slicer keeps its own allocator settings.
+where it is switched on (``deepmmreg`` run as a program, ``benchmarks/disa_capture_range.py`` unless
+``--system-malloc``); a library import never does it, so a long-lived host such as Slicer keeps its own
+allocator settings.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ TRIM_THRESHOLD_BYTES = 2 ** 31 - 1
 
 
 def reuse_freed_memory() -> bool:
-    """Ask glibc to serve large allocations from the heap and keep freed memory; True if it accepted.
+    """Ask glibc to serve large allocations from the heap and keep freed memory; True if it accepted both.
 
     A no-op returning False where there is no glibc ``mallopt`` (macOS, Windows, musl)."""
     if not sys.platform.startswith("linux"):
