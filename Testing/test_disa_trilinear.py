@@ -51,8 +51,8 @@ def test_gather_equals_grid_sample_route_and_has_its_gradient():
 
 
 def test_gather_gradient_over_several_chunks_equals_the_grid_sample_route(monkeypatch):
-    """The backward pass reuses each chunk's corners from the forward pass: with chunks of 7 points,
-    points inside, outside and in the clamped rim must all get grid_sample's gradient."""
+    """The backward pass finds each chunk's corners again: with chunks of 7 points, points inside get
+    grid_sample's gradient, and points outside or in the clamped rim none (the module's rule)."""
     from DeepMultimodalRegLib.disa import trilinear
     from DeepMultimodalRegLib.image.geometry import ImageGeometry
     from DeepMultimodalRegLib.transforms.sampling import sample_at_points

@@ -34,14 +34,14 @@ def _cell(item: dict) -> tuple:
 def merge(records: list[dict], same_cases: bool = False, only: list[str] | None = None) -> dict:
     """The records' runs as one record: the first record's settings, every record's methods, pairs and
     cases (those kept)."""
-    initial: dict[tuple, float] = {}
+    cases: dict[tuple, dict] = {}  # (pair, bin, case) → the first record's case there
     for k, record in enumerate(records):
         for case in record.get("cases", []):
             cell = _cell(case)
-            if cell in initial and abs(initial[cell] - case["initial_mm"]) > 1e-6:
+            first_seen = cases.setdefault(cell, case)
+            if abs(first_seen["initial_mm"] - case["initial_mm"]) > 1e-6:
                 raise SystemExit(f"record {k + 1} holds another case at {cell} (initial error {case['initial_mm']:.3f} "
-                                 f"mm, not {initial[cell]:.3f} mm): different seeds or settings; not merged")
-            initial.setdefault(cell, case["initial_mm"])
+                                 f"mm, not {first_seen['initial_mm']:.3f} mm): different seeds or settings; not merged")
     runs, seen = [], set()
     for record in records:
         for r in completed(record["runs"]):
@@ -49,10 +49,6 @@ def merge(records: list[dict], same_cases: bool = False, only: list[str] | None 
             if key not in seen and (only is None or r["method"] in only):
                 seen.add(key)
                 runs.append(r)
-    cases = {}
-    for record in records:
-        for case in record.get("cases", []):
-            cases.setdefault(_cell(case), case)
     if same_cases:
         by_pair: dict[str, set] = {}
         for record in records:

@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import msode as bench  # noqa: E402  (the benchmark's pairs, cases and RMSE(φ))
 
+from DeepMultimodalRegLib.evaluation import foreground_points  # noqa: E402
 from DeepMultimodalRegLib.fileio import atomic_output  # noqa: E402
 from DeepMultimodalRegLib.methods.registry import RegistrationOptions, get_method  # noqa: E402
 from DeepMultimodalRegLib.msode.model import MSODE  # noqa: E402
@@ -59,7 +60,7 @@ def main(argv=None) -> dict:
 
     fixed, contrasts = bench.load_pairs(args.data_dir or default_data_dir())
     contrasts = {"t1": fixed, **contrasts}
-    points = bench.foreground_points(fixed, 2000, seed=0)
+    points = foreground_points(fixed, 2000, seed=0)
     centre = torch.tensor(fixed.geometry.center, dtype=torch.float64)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:

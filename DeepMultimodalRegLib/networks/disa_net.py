@@ -178,7 +178,7 @@ class BlurPool3d(nn.Module):
         y = F.conv3d(x, f, stride=s, padding=self.pad, groups=self.channels)
         for axis in (2, 3, 4):
             for first, last in self._edge_outputs(x.shape[axis], y.shape[axis], s):
-                y.narrow(axis, first, last - first).copy_(self._replicate_padded(x, axis, first, last, s))
+                y.narrow(axis, first, last - first).copy_(self._replicate_padded(x, f, axis, first, last, s))
         return y
 
     def _edge_outputs(self, n: int, m: int, s: int) -> list[tuple[int, int]]:
@@ -188,15 +188,15 @@ class BlurPool3d(nn.Module):
         high = max(low, (n - 1 - p) // s + 1)  # first output with s·i + p > n − 1 (not below ``low``)
         return [r for r in ((0, low), (high, m)) if r[0] < r[1]]
 
-    def _replicate_padded(self, x: torch.Tensor, axis: int, first: int, last: int, s: int) -> torch.Tensor:
+    def _replicate_padded(self, x: torch.Tensor, f: torch.Tensor, axis: int, first: int, last: int,
+                          s: int) -> torch.Tensor:
         """Outputs [first, last) along ``axis`` of the replicate-padded blur, from the input slab they see."""
         p, n = self.pad, x.shape[axis]
         lo, hi = s * first - p, s * (last - 1) + p + 1
         slab = x.narrow(axis, max(0, lo), min(n, hi) - max(0, lo))
         pads = [p] * 6  # (x low, x high, y low, y high, z low, z high)
         pads[2 * (4 - axis)], pads[2 * (4 - axis) + 1] = max(0, -lo), max(0, hi - n)
-        return F.conv3d(F.pad(slab, tuple(pads), mode="replicate"), self.f.to(dtype=x.dtype), stride=s,
-                        groups=self.channels)
+        return F.conv3d(F.pad(slab, tuple(pads), mode="replicate"), f, stride=s, groups=self.channels)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, stride={self.stride}, kernel=[1,4,6,4,1]^3/4096, padding=replicate"
