@@ -182,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--similarity", choices=("mind", "disa", "content"),
                    help="msode: L_sim (default mind; content = the paper's learned content features, the shipped "
                         "msode_translation encoder)")
+    t.add_argument("--gradient-input", action="store_true",
+                   help="msode rigid: f also sees the MIND-SSC descent direction and starts as a gradient flow "
+                        "(not in the paper; see docs/benchmarks.md)")
+    t.add_argument("--descent-rate", type=float,
+                   help="msode --gradient-input: the flow's rate P (default 2e4, calibrated at 32^3 x 8 mm)")
+    t.add_argument("--ode-solvers", help="msode: solvers per level used in training and kept for registration, "
+                   "e.g. F(0.2)-F(0.2)-F(0.1) (default: trains with F(0.25)-F(0.5)-F(1), registers with the paper's)")
     # --- end msode
     t.add_argument("--labels", type=Path, help="sopi: the CT's label map (same grid); its spine (from a labels.csv "
                    "beside it) or all its labels give the structure mask (default: bone by HU)")

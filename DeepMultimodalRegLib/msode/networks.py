@@ -42,24 +42,48 @@ def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 
 class RigidField(nn.Module):
     """dθ/dt for θ = (rx, ry, rz, tx, ty, tz): rates scaled to ``rotation_scale`` rad and
-    ``translation_scale`` mm per unit time."""
+    ``translation_scale`` mm per unit time.
+
+    With ``gradient_input`` (not in the paper; see :class:`~.model.MSODEConfig`), ``forward`` also
+    takes ``descent`` = −P·∂L_sim/∂θ, the similarity's preconditioned descent direction [B, 6]
+    (:func:`~.model.rigid_descent`).  The field then is ``head(features, t, descent)·scale +
+    gain·descent`` with a positive gain per group (rotation, translation) that the network modulates
+    (``gain_head``, zero at the start): an untrained model is a gradient flow on L_sim, which is
+    precise near the optimum, and training adds what the gradient cannot see from afar.
+    """
 
     def __init__(self, in_channels: int, width: int = 16, pooled: int = 4, hidden: int = 128,
-                 rotation_scale: float = 0.5, translation_scale: float = 10.0):
+                 rotation_scale: float = 0.5, translation_scale: float = 10.0, gradient_input: bool = False):
         super().__init__()
         self.features = nn.Sequential(_block(in_channels, width, 2), _block(width, 2 * width, 2),
                                       _block(2 * width, 2 * width, 2), _block(2 * width, 4 * width, 2))
         self.pooled = pooled
-        self.head = nn.Sequential(nn.Linear(4 * width * pooled ** 3 + 1, hidden), nn.LeakyReLU(0.2),
+        self.gradient_input = gradient_input
+        extra = 1 + (6 if gradient_input else 0)
+        self.head = nn.Sequential(nn.Linear(4 * width * pooled ** 3 + extra, hidden), nn.LeakyReLU(0.2),
                                   nn.Linear(hidden, 6))
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
         self.register_buffer("scale", torch.tensor([rotation_scale] * 3 + [translation_scale] * 3))
+        if gradient_input:
+            # log-gain of the descent term per group, modulated per state by the hidden layer
+            self.gain_head = nn.Linear(hidden, 2)
+            nn.init.zeros_(self.gain_head.weight)
+            nn.init.zeros_(self.gain_head.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, descent: torch.Tensor | None = None) -> torch.Tensor:
         h = F.adaptive_avg_pool3d(self.features(x), self.pooled).flatten(1)
         tt = t.to(h.dtype).reshape(1, 1).expand(h.shape[0], 1)
-        return self.head(torch.cat([h, tt], 1)) * self.scale
+        if not self.gradient_input:
+            return self.head(torch.cat([h, tt], 1)) * self.scale
+        if descent is None:
+            raise ValueError("this field was built with gradient_input and needs the descent direction")
+        # the descent enters the head squashed (its raw size spans orders of magnitude between
+        # far and near poses) and unsquashed through the gated term
+        squashed = torch.tanh(descent / self.scale)
+        hidden = self.head[1](self.head[0](torch.cat([h, tt, squashed], 1)))
+        gain = torch.exp(self.gain_head(hidden).clamp(-6.0, 3.0)).repeat_interleave(3, dim=1)
+        return self.head[2](hidden) * self.scale + gain * descent
 
 
 class BSplineField(nn.Module):

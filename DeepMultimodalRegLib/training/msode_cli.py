@@ -25,6 +25,12 @@ def config_from_args(args) -> MSODETrainingConfig:
         config.similarity = args.similarity
     if getattr(args, "learning_rate", None) is not None:
         config.learning_rate = args.learning_rate
+    if getattr(args, "gradient_input", False):
+        config.gradient_input = True
+    if getattr(args, "descent_rate", None) is not None:
+        config.descent_rate = args.descent_rate
+    if getattr(args, "ode_solvers", None):
+        config.training_solvers = config.inference_solvers = args.ode_solvers
     config.device = getattr(args, "device", None) or "auto"
     if getattr(args, "grid_size", None) is not None:
         config.size = args.grid_size

@@ -60,6 +60,9 @@ class MSODETrainingConfig:
     width: int = 16
     mesh: int = 8
     similarity: str = "mind"
+    #: rigid: f also sees the MIND-SSC descent direction (see MSODEConfig.gradient_input)
+    gradient_input: bool = False
+    descent_rate: float = 2e4
     lambda_self: float = 1.0
     lambda_reg: float | None = None  # None: 2 (B-spline), 10 (dense), 0 (rigid)
     self_pairs: str = "cross"
@@ -81,7 +84,8 @@ class MSODETrainingConfig:
     def model_config(self) -> MSODEConfig:
         return MSODEConfig(kind=self.kind, levels=self.levels, total_time=self.total_time,
                            solvers=self.inference_solvers, size=self.size, spacing_mm=self.spacing_mm,
-                           inputs=self.inputs, width=self.width, mesh=self.mesh, similarity=self.similarity)
+                           inputs=self.inputs, width=self.width, mesh=self.mesh, similarity=self.similarity,
+                           gradient_input=self.gradient_input, descent_rate=self.descent_rate)
 
     @property
     def reg_weight(self) -> float:
