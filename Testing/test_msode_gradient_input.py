@@ -125,3 +125,38 @@ def test_cli_flags_reach_the_gradient_input_recipe():
     model_config = config.model_config()
     assert model_config.gradient_input and model_config.descent_rate == 5e3
     assert np.isclose(float(model_config.descent_preconditioner()[0]), 5e3 / 60.0 ** 2)
+
+
+def test_a_finer_level_keeps_the_learned_levels_and_adds_a_gradient_flow(tmp_path):
+    from DeepMultimodalRegLib.msode.dynamics import segment_bounds
+    from DeepMultimodalRegLib.training.msode_extend import add_finer_level, main
+
+    config = MSODEConfig(kind="rigid", levels=2, size=16, spacing_mm=10.0, inputs="image", width=8,
+                         solvers="F(0.5)-F(0.25)", gradient_input=True, descent_rate=3e3)
+    torch.manual_seed(1)
+    model = MSODE(config)
+    for field in model.fields:  # a "trained" head, so that copying is visible
+        torch.nn.init.normal_(field.head[-1].weight, std=0.01)
+    extended = add_finer_level(model, gain=0.5, solver="F(0.1)")
+    c = extended.config
+    assert (c.levels, c.size, c.spacing_mm, c.total_time) == (3, 32, 5.0, 4.5)  # segments of 1.5 each
+    assert [str(s) for s in c.solver_specs()] == ["F(0.5)", "F(0.25)", "F(0.1)"]
+    assert segment_bounds(3, c.total_time)[:2] == segment_bounds(2, config.total_time)  # same times for the old levels
+    for old, new in zip(model.fields, extended.fields):
+        for (k, a), (_, b) in zip(old.state_dict().items(), new.state_dict().items()):
+            assert torch.equal(a, b), k
+    assert model.config.levels == 2 and len(model.fields) == 2  # the input model is left as it was
+    # the new level, untrained, is the gradient flow at half speed: field = 0.5 · descent
+    batch = make_batch([phantom_anatomy(32, 5.0)], "rigid", 1, 3, MotionSettings(10.0, 5.0),
+                       torch.Generator().manual_seed(2), real_t1_probability=0.0)
+    finest = extended.level_fields(batch.pairs)[-1]
+    theta = torch.tensor([[0.05, -0.03, 0.02, 2.0, -1.0, 1.0]])
+    with torch.no_grad():
+        torch.testing.assert_close(finest(torch.tensor(2.5), theta), 0.5 * finest.descent(theta), rtol=1e-5, atol=1e-9)
+    # the command line writes a weights file that loads with weights_only
+    torch.save(model.state_dict_with_config(), tmp_path / "in.pt")
+    assert main([str(tmp_path / "in.pt"), str(tmp_path / "out.pt"), "--gain", "0.5"]) == 0
+    loaded = MSODE.from_state_dict(torch.load(tmp_path / "out.pt", weights_only=True))
+    assert loaded.config.levels == 3 and float(loaded.fields[-1].gain_head.bias[0]) == pytest.approx(math.log(0.5))
+    with pytest.raises(InvalidParameterError, match="gradient_input"):
+        add_finer_level(MSODE(MSODEConfig(kind="rigid", levels=2, size=16, spacing_mm=10.0, inputs="image", width=8)))

@@ -181,6 +181,9 @@ def main(argv=None) -> int:
     p.add_argument("--bspline-weights", help="MS-ODE B-spline weights (enables msode-bspline and msode-hybrid)")
     p.add_argument("--hybrid-weights", help="MS-ODE B-spline weights for the hybrid's deformable stage "
                                             "(default: --bspline-weights)")
+    p.add_argument("--label", default="",
+                   help="suffix of the msode-* rows' method names in the records, to tell models apart when the "
+                        "records of several invocations are merged with --table (e.g. +gi25)")
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=2026)
@@ -236,7 +239,8 @@ def main(argv=None) -> int:
         initial = rmse(identity, truth, case_points)
         for method in methods:
             start = time.perf_counter()
-            base = {"motion": kind, "pair": f"{pair}->t1", "case": case, "range_deg": max_deg, "method": method}
+            label = method + args.label if method.startswith("msode") else method
+            base = {"motion": kind, "pair": f"{pair}->t1", "case": case, "range_deg": max_deg, "method": label}
             try:
                 result = run_method(method, case_fixed, moving, args)
                 error = rmse(result.transform, truth, case_points)
@@ -261,7 +265,7 @@ def main(argv=None) -> int:
             tmp.write_text(json.dumps({"date": run_date, "cases_per_pair": args.cases, "motions": motions,
                                        "records": records}, indent=1), encoding="utf-8")
             tmp.replace(args.out)
-    print(table(records, methods))
+    print(table(records, list(dict.fromkeys(r["method"] for r in records))))
     return 0
 
 
