@@ -157,6 +157,6 @@ def test_a_finer_level_keeps_the_learned_levels_and_adds_a_gradient_flow(tmp_pat
     torch.save(model.state_dict_with_config(), tmp_path / "in.pt")
     assert main([str(tmp_path / "in.pt"), str(tmp_path / "out.pt"), "--gain", "0.5"]) == 0
     loaded = MSODE.from_state_dict(torch.load(tmp_path / "out.pt", weights_only=True))
-    assert loaded.config.levels == 3 and float(loaded.fields[-1].gain_head.bias[0]) == pytest.approx(math.log(0.5))
+    assert loaded.config.levels == 3 and float(loaded.fields[-1].gain_head.bias[0].detach()) == pytest.approx(math.log(0.5))
     with pytest.raises(InvalidParameterError, match="gradient_input"):
         add_finer_level(MSODE(MSODEConfig(kind="rigid", levels=2, size=16, spacing_mm=10.0, inputs="image", width=8)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,28 +20,39 @@ SIMILARITY_NAMES = {"mind": "MIND-SSC SSD", "disa": "DISA descriptor dot product
                     "content": "content-feature distance of the msode_translation encoder, paper eq. 4"}
 
 
-def msode_model_card(summary: dict, benchmark: dict | None = None, history: str | None = None) -> str:
+def msode_model_card(summary: dict, benchmark: dict | None = None, history: str | None = None,
+                     shipped: dict | None = None) -> str:
     """The card of a trained MS-ODE model from its run's summary.json; ``benchmark`` (from
     :func:`summarise_benchmark`) and ``history`` (free text: what the summary cannot tell, e.g. that
-    the run resumed from a model trained with other settings) are added when given."""
+    the run resumed from a model trained with other settings) are added when given.  ``shipped``: the
+    stored :class:`~..msode.model.MSODEConfig` (as a dict) of the weights published, when they are
+    not the run's own (e.g. with a finer level added by ``training/msode_extend.py``)."""
     c = summary["config"]
     v0, v = summary["initial_validation"], summary["final_validation"]
     kind = summary["kind"]
     name = f"msode_{kind}"
+    m = shipped or {"size": c["size"], "spacing_mm": c["spacing_mm"], "levels": c["levels"],
+                    "total_time": c["total_time"], "solvers": c["inference_solvers"],
+                    "gradient_input": c.get("gradient_input", False), "descent_rate": c.get("descent_rate")}
+    paper_solvers = {'rigid': 'A(1e-3)-A(1e-3)-F(0.1)', 'bspline': 'F(0.2)-F(0.2)-F(0.25)', 'dense': 'F(0.2)-F(0.2)-F(0.5)'}
     lines = [
         f"# MS-ODE {kind} model (`{name}`)",
         "",
-        f"A multi-scale neural ODE registration optimiser ({summary['parameters']:,} parameters: one "
+        f"A multi-scale neural ODE registration optimiser ({summary['parameters']:,} parameters trained: one "
         f"{'convolutional + fully connected' if kind == 'rigid' else 'fully convolutional'} network per pyramid level),",
         "after Xu et al., MICCAI 2021. Trained by this project's recipe `deepmmreg train msode`",
         "(`DeepMultimodalRegLib/training/msode_train.py`); no weights from elsewhere.",
         "",
         "## Model",
-        f"- Working grid {c['size']}³ voxels of {c['spacing_mm']} mm (LPS-aligned, centred on each image), "
-        f"L = {c['levels']} levels, T = {c['total_time']}.",
-        f"- Network inputs: warped moving and fixed intensities ({c['inputs']}), and t.",
+        f"- Working grid {m['size']}³ voxels of {m['spacing_mm']} mm (LPS-aligned, centred on each image), "
+        f"L = {m['levels']} levels, T = {m['total_time']:g}."
+        + (f" Trained at {c['size']}³ × {c['spacing_mm']} mm with L = {c['levels']}; see the history."
+           if (m['size'], m['levels']) != (c['size'], c['levels']) else ""),
+        f"- Network inputs: warped moving and fixed intensities ({c['inputs']}), and t"
+        + (f"; and, not in the paper, the MIND-SSC descent direction −P·∂L_sim/∂θ (rate {m['descent_rate']:g}),"
+           " also added to the output through a learned gain (`MSODEConfig.gradient_input`)." if m.get("gradient_input") else "."),
         f"- Solvers: training {c['training_solvers']}; registration default "
-        f"{c['inference_solvers'] or 'the paper’s ' + {'rigid': 'A(1e-3)-A(1e-3)-F(0.1)', 'bspline': 'F(0.2)-F(0.2)-F(0.25)', 'dense': 'F(0.2)-F(0.2)-F(0.5)'}[kind]}.",
+        f"{m['solvers'] or 'the paper’s ' + paper_solvers[kind]}.",
         "",
         "## Data",
         f"- Anatomies: {', '.join(summary['anatomies'])} (`../shared/data`: voxelmorph test scan with 46 labels;",
@@ -98,15 +110,24 @@ def main(argv=None) -> int:
     p.add_argument("run", type=Path, help="training folder (summary.json, msode_<kind>.pt)")
     p.add_argument("--benchmark", type=Path)
     p.add_argument("--history", type=Path, help="a text file whose content goes into the card's 'Training history'")
+    p.add_argument("--weights", type=Path, help="the weights to publish (default: the run's msode_<kind>.pt), e.g. "
+                                                "the run's model with a finer level added (training/msode_extend.py)")
+    p.add_argument("--status", default="", help="the known limits users must see (manifest status)")
     args = p.parse_args(argv)
     summary = json.loads((args.run / "summary.json").read_text(encoding="utf-8"))
     kind = summary["kind"]
     benchmark = summarise_benchmark(args.benchmark) if args.benchmark else None
     history = args.history.read_text(encoding="utf-8") if args.history else None
-    card = msode_model_card(summary, benchmark, history)
-    entry = publish_weights(args.run / f"msode_{kind}.pt", f"msode_{kind}", "msode", card,
-                            description=f"MS-ODE {kind} registration optimiser ({summary['config']['size']}³ × "
-                                        f"{summary['config']['spacing_mm']} mm working grid, L = {summary['config']['levels']})")
+    weights = args.weights or args.run / f"msode_{kind}.pt"
+    import torch
+
+    from ..msode.model import MSODE
+
+    shipped = asdict(MSODE.from_state_dict(torch.load(weights, map_location="cpu", weights_only=True)).config)
+    card = msode_model_card(summary, benchmark, history, shipped if args.weights else None)
+    entry = publish_weights(weights, f"msode_{kind}", "msode", card, status=args.status,
+                            description=f"MS-ODE {kind} registration optimiser ({shipped['size']}³ × "
+                                        f"{shipped['spacing_mm']} mm working grid, L = {shipped['levels']})")
     print(json.dumps(entry.as_dict(), indent=2))
     return 0
 
