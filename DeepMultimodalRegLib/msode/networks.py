@@ -17,6 +17,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ..errors import InvalidParameterError
 from ..metrics.mind import mind_ssc
 
 INPUT_MODES = ("image", "image+mind")
@@ -46,7 +47,7 @@ class RigidField(nn.Module):
 
     With ``gradient_input`` (not in the paper; see :class:`~.model.MSODEConfig`), ``forward`` also
     takes ``descent`` = −P·∂L_sim/∂θ, the similarity's preconditioned descent direction [B, 6]
-    (:func:`~.model.rigid_descent`).  The field then is ``head(features, t, descent)·scale +
+    (:meth:`~.model.LevelField.descent`, always the MIND-SSC distance).  The field then is ``head(features, t, descent)·scale +
     gain·descent`` with a positive gain per group (rotation, translation) that the network modulates
     (``gain_head``, zero at the start): an untrained model is a gradient flow on L_sim, which is
     precise near the optimum, and training adds what the gradient cannot see from afar.
@@ -77,7 +78,7 @@ class RigidField(nn.Module):
         if not self.gradient_input:
             return self.head(torch.cat([h, tt], 1)) * self.scale
         if descent is None:
-            raise ValueError("this field was built with gradient_input and needs the descent direction")
+            raise InvalidParameterError("this field was built with gradient_input and needs the descent direction")
         # the descent enters the head squashed (its raw size spans orders of magnitude between
         # far and near poses) and unsquashed through the gated term
         squashed = torch.tanh(descent / self.scale)
