@@ -54,7 +54,8 @@ class MSODEConfig:
     #: P = descent_rate · diag(1/R², 1/R², 1/R², 1, 1, 1), R = descent_radius_mm: rotations weigh by
     #: the displacement they cause at R, so the untrained flow moves every point at a similar rate
     #: (rate 2e4 at R = 60 mm: the best untrained flow of 5e3–4e4 on 12 synthetic ±25° pairs at
-    #: 32³ × 8 mm with F(0.1) steps, median RMSE(φ) 24.4 → 2.9 mm; 4e4 oscillates)
+    #: 32³ × 8 mm with F(0.1) steps, median RMSE(φ) 24.4 → 2.9 mm; 4e4 oscillates;
+    #: benchmarks/msode_descent_rate.py)
     descent_rate: float = 2e4
     descent_radius_mm: float = 60.0
 
@@ -114,18 +115,30 @@ class LevelField(nn.Module):
             mapped = apply_homogeneous(self.pre, field_points(self.points, self.displacement(theta)))
         return sample_moving(self.moving, self.moving_geometry, mapped)
 
+    def _descent_with_warp(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(−P·∂L_sim/∂θ, the warped moving image, its MIND-SSC), all detached from θ."""
+        with torch.enable_grad():
+            th = theta.detach().requires_grad_(True)
+            warped = self.warp(th)
+            warped_mind = mind_ssc(warped, radius=1, dilation=1)
+            loss = mind_ssd(warped_mind, self.fixed_mind, per_batch=True)
+            (grad,) = torch.autograd.grad(loss.sum(), th)
+        return -grad * self.descent_preconditioner.to(grad), warped.detach(), warped_mind.detach()
+
     def descent(self, theta: torch.Tensor) -> torch.Tensor:
         """−P·∂L_sim/∂θ per pair [B, 6], L_sim the MIND-SSC distance on this level's grid.
 
         A feature, like the images: it is computed on a detached copy of θ, so training does not
         differentiate through it (no second derivatives of the resampler)."""
-        with torch.enable_grad():
-            th = theta.detach().requires_grad_(True)
-            loss = mind_ssd(mind_ssc(self.warp(th), radius=1, dilation=1), self.fixed_mind, per_batch=True)
-            (grad,) = torch.autograd.grad(loss.sum(), th)
-        return -grad * self.descent_preconditioner.to(grad)
+        return self._descent_with_warp(theta)[0]
 
     def forward(self, t: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        if self.descent_preconditioner is not None and not torch.is_grad_enabled():
+            # registration: the slope's warp and MIND-SSC are the network's inputs too (same θ),
+            # so they are computed once; training needs inputs that carry θ's graph, below
+            descent, warped, warped_mind = self._descent_with_warp(theta)
+            x = build_inputs(warped, self.fixed, self.inputs, self.fixed_mind, warped_mind)
+            return self.network(x, t, descent)
         x = build_inputs(self.warp(theta), self.fixed, self.inputs, self.fixed_mind)
         if self.kind == "bspline":
             return self.network(x, t, self.control_shape)

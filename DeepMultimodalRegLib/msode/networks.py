@@ -28,13 +28,16 @@ def input_channels(inputs: str) -> int:
 
 
 def build_inputs(warped: torch.Tensor, fixed: torch.Tensor, inputs: str,
-                 fixed_mind: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, C, D, H, W] network input from warped moving and fixed [B, 1, D, H, W]."""
+                 fixed_mind: torch.Tensor | None = None, warped_mind: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, C, D, H, W] network input from warped moving and fixed [B, 1, D, H, W] (their MIND-SSC
+    descriptors are computed here unless given)."""
     if inputs == "image":
         return torch.cat([warped, fixed], 1)
     if fixed_mind is None:
         fixed_mind = mind_ssc(fixed, radius=1, dilation=1)
-    return torch.cat([warped, fixed, mind_ssc(warped, radius=1, dilation=1), fixed_mind], 1)
+    if warped_mind is None:
+        warped_mind = mind_ssc(warped, radius=1, dilation=1)
+    return torch.cat([warped, fixed, warped_mind, fixed_mind], 1)
 
 
 def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:

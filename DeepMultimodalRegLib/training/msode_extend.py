@@ -42,6 +42,8 @@ def add_finer_level(model: MSODE, gain: float = 1.0, solver: str = "F(0.2)", see
     with torch.no_grad():
         for old, new in zip(model.fields, extended.fields):
             new.load_state_dict(old.state_dict())
+        # a level of its own seed (not the one MSODE(config) drew after the copied levels), so
+        # that the new level's weights do not depend on how many levels the model had
         torch.manual_seed(seed)
         finest = RigidField(input_channels(c.inputs), c.width, gradient_input=True)
         finest.gain_head.bias.fill_(math.log(gain))

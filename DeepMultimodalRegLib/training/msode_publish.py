@@ -11,7 +11,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from ..msode.model import MSODE
 from .publish import publish_weights
 
 
@@ -119,10 +121,6 @@ def main(argv=None) -> int:
     benchmark = summarise_benchmark(args.benchmark) if args.benchmark else None
     history = args.history.read_text(encoding="utf-8") if args.history else None
     weights = args.weights or args.run / f"msode_{kind}.pt"
-    import torch
-
-    from ..msode.model import MSODE
-
     shipped = asdict(MSODE.from_state_dict(torch.load(weights, map_location="cpu", weights_only=True)).config)
     card = msode_model_card(summary, benchmark, history, shipped if args.weights else None)
     entry = publish_weights(weights, f"msode_{kind}", "msode", card, status=args.status,
