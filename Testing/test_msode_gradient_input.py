@@ -107,8 +107,8 @@ def test_gradient_input_round_trips_and_older_weights_still_load(tmp_path):
 
 
 def test_gradient_input_settings_fail_early():
-    with pytest.raises(InvalidParameterError, match="rigid"):
-        MSODEConfig(kind="bspline", gradient_input=True)
+    with pytest.raises(InvalidParameterError, match="B-spline"):
+        MSODEConfig(kind="dense", gradient_input=True)
     with pytest.raises(InvalidParameterError, match="positive"):
         MSODEConfig(kind="rigid", gradient_input=True, descent_rate=0.0)
 
@@ -180,3 +180,36 @@ def test_shipped_rigid_model_loads_and_registers_real_t2_to_t1(kirby21_pair):
     error = target_registration_error(result.transform, truth, points)["mean_mm"]
     assert start > 15.0 and error < 2.0, (start, error)
     assert result.figures["nfe"] == 25  # F(0.2)-F(0.2)-F(0.1)-F(0.2) over four unit segments
+
+
+def test_bspline_descent_is_the_scaled_negative_gradient_and_the_untrained_field_is_that_flow():
+    """B-spline ``gradient_input``: d = −rate·∂L_sim/∂c over the control coefficients (central finite
+    differences on a few coefficients, not autograd); zero body output and unit gain at the start."""
+    config = MSODEConfig(kind="bspline", levels=2, size=16, spacing_mm=10.0, inputs="image", width=8, mesh=4,
+                         gradient_input=True, descent_rate=2e6)
+    batch = make_batch([phantom_anatomy()], "bspline", 1, 2, MotionSettings(0.0, 0.0, 8.0, 4),
+                       torch.Generator().manual_seed(5), real_t1_probability=0.0)
+    pairs = batch.pairs.to(torch.float64)
+    model = MSODE(config).double()
+    field = model.level_fields(pairs)[-1]
+    generator = torch.Generator().manual_seed(0)
+    theta = torch.randn(1, 3, *model.control_grid(pairs.fixed_geometries[-1]).shape, generator=generator,
+                        dtype=torch.float64) * 2.0
+
+    def loss(th):
+        return float(mind_ssd(mind_ssc(field.warp(th), 1, 1), mind_ssc(pairs.fixed[-1], 1, 1)))
+
+    descent = field.descent(theta)
+    assert descent.shape == theta.shape and float(descent.abs().max()) > 0
+    h = 1e-6
+    flat = descent.flatten()
+    for index in torch.topk(flat.abs(), 4).indices.tolist():  # the steepest coefficients
+        step = torch.zeros_like(theta).flatten()
+        step[index] = h
+        step = step.reshape(theta.shape)
+        numeric = (loss(theta + step) - loss(theta - step)) / (2 * h)
+        assert float(flat[index]) == pytest.approx(-2e6 * numeric, rel=5e-3, abs=1e-3 * float(flat.abs().max()))
+    with torch.no_grad():
+        torch.testing.assert_close(field(torch.tensor(1.5, dtype=torch.float64), theta), descent)
+    with pytest.raises(InvalidParameterError, match="descent"):
+        model.fields[-1](torch.zeros(1, 2, 16, 16, 16, dtype=torch.float64), torch.tensor(0.0), (7, 7, 7))

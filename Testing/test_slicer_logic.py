@@ -207,3 +207,13 @@ def test_refine_setting_reaches_disa_methods_only(scene, misaligned_pair):
     assert default.options.extra == {"refine": "disa"}  # the library's default polish, said explicitly
     with pytest.raises(InvalidParameterError, match="refine"):
         logic.prepare(fixed_node, moving_node, method="disa-rigid", settings={"Device": "cpu", "Refine": "lc2"})
+
+
+def test_global_search_reaches_msode_rigid_without_the_random_start_settings(scene, misaligned_pair):
+    """MS-ODE's global search starts from its own rotation grid: the module's random-start settings
+    (Starts, RangeMm) would be refused by it, so only the search mode is passed."""
+    fixed, moving, _ = misaligned_pair
+    logic = RegistrationLogic(scene)
+    request = logic.prepare(node_from_volume(scene, fixed, name="T1"), node_from_volume(scene, moving, name="T2"),
+                            method="msode-rigid", settings={"Device": "cpu", "Search": "global", "Starts": 8})
+    assert request.options.search == "global" and request.options.extra == {}

@@ -31,10 +31,13 @@ method call (preparing, solving, warping the full output); MS-ODE's number of fu
 evaluations; for a two-stage result (rigid or affine, then B-spline / SyN field), also the RMSE(φ) of
 its first stage alone (``linear_stage_rmse_mm``).  Kirby21 has no label map, so no Dice; no RMSE(x).
 
-**Methods** — ``msode-rigid`` with the paper's solvers A(1e-3)–A(1e-3)–F(0.1) (the shipped model's
-default) and with the training solvers F(0.25)–F(0.5)–F(1) (``msode-rigid-train-solvers``);
+**Methods** — ``msode-rigid`` with the model's own solvers (the shipped model's: F(0.2)–F(0.2)–F(0.1)–F(0.2))
+and with the solvers F(0.25)–F(0.5)–F(1) (``msode-rigid-train-solvers``); ``msode-rigid-global``: the same
+model with ``--search global`` (27 starting rotations, ±50° per axis, pruned level by level; not in the
+paper; ``msode/multistart.py``);
 ``msode-bspline`` (``--bspline-weights``) and ``msode-hybrid`` (the rigid model of ``--weights`` then
-the B-spline model of ``--hybrid-weights``, else ``--bspline-weights``), only when weights are given;
+the B-spline model of ``--hybrid-weights``, else ``--bspline-weights``; ``msode-hybrid-global``: its rigid
+stage with the global search), only when weights are given;
 ``sitk-mattes``: SimpleITK rigid, Mattes MI, 4-2-1 pyramid (``peers/simpleitk_rigid.py``);
 ``sitk-bspline``: that rigid then a cubic B-spline (≈ 35 mm knots, Mattes MI, L-BFGS-B stopped at 10
 iterations per level, 4-2 pyramid; ``peers/simpleitk_bspline.py``); ``ants-rigid`` and ``ants-syn``:
@@ -72,9 +75,10 @@ from DeepMultimodalRegLib.transforms.composite import CompositeTransform  # noqa
 from DeepMultimodalRegLib.transforms.linear import RigidTransform  # noqa: E402
 from DeepMultimodalRegLib.transforms.resample import warp_volume  # noqa: E402
 
-METHODS = ("msode-rigid", "msode-rigid-train-solvers", "sitk-mattes", "ants-rigid", "sitk-bspline", "ants-syn")
+METHODS = ("msode-rigid", "msode-rigid-global", "msode-rigid-train-solvers", "sitk-mattes", "ants-rigid", "sitk-bspline",
+           "ants-syn")
 #: run only when their weights are given (no trained B-spline model is shipped yet)
-WEIGHTED_METHODS = ("msode-bspline", "msode-hybrid")
+WEIGHTED_METHODS = ("msode-bspline", "msode-hybrid", "msode-hybrid-global")
 MOTIONS = ("rigid", "bspline", "hybrid")
 
 
@@ -159,12 +163,15 @@ def run_method(name: str, fixed, moving, args):
     if name == "msode-bspline":
         options.extra = {"weights": args.bspline_weights}
         return get_method("msode-bspline").runner(fixed, moving, options)
-    if name == "msode-hybrid":
+    if name in ("msode-hybrid", "msode-hybrid-global"):
+        options.search = "global" if name.endswith("global") else "local"
         options.extra = {"weights_deformable": args.hybrid_weights or args.bspline_weights}
         if args.weights:
             options.extra["weights_rigid"] = args.weights
-        return get_method("msode-hybrid").runner(fixed, moving, options)
+        return get_method("msode-hybrid").runner(fixed, moving, options)  # either search
     options.extra = {"weights": args.weights} if args.weights else {}
+    if name == "msode-rigid-global":
+        options.search = "global"
     if name == "msode-rigid-train-solvers":
         options.extra["solvers"] = "F(0.25)-F(0.5)-F(1.0)"
     return get_method("msode-rigid").runner(fixed, moving, options)

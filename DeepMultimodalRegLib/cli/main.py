@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--moving-mask", type=Path)
     r.add_argument("--starts", type=int, help="global search: number of random starts (default 500)")
     r.add_argument("--range-deg", type=float,
-                   help="global search: rotations within ±this about each axis (default 40; the paper's brain range is 10)")
+                   help="global search: rotations within ±this about each axis (disa-/mind-*: default 40, the paper's brain "
+                        "range is 10; msode-rigid|hybrid: a grid of starts every ≤ 50° within ±this, default 50 = 27 starts)")
     r.add_argument("--range-mm", type=float,
                    help="global search: translations within ±this along each axis (default 150; brain: 25)")
     r.add_argument("--refine", choices=("disa", "mind", "none"),
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "run a trous) or 4 voxels (8 mm, as the linear stages use)")
     # --- rso (issue 5)
     r.add_argument("--weights", type=Path, help="deep: general-model weights (default: the shipped `general`); msode-*: a trained MS-ODE model "
-                        "(none ships yet)")
+                        "(default for msode-rigid: the shipped msode_rigid; none ships for the deformable kinds)")
     r.add_argument("--working-spacing", type=float, help="deep: working grid spacing in mm (default: the model's)")
     r.add_argument("--similarity", choices=("auto", "mse", "ncc", "disa"),
                    help="deep: loss of ISO/RSO (default auto: mse for same-modality pairs, ncc otherwise; disa = "
@@ -183,10 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="msode: L_sim (default mind; content = the paper's learned content features, the shipped "
                         "msode_translation encoder)")
     t.add_argument("--gradient-input", action="store_true",
-                   help="msode rigid: f also sees the MIND-SSC descent direction and starts as a gradient flow "
+                   help="msode rigid|bspline: f also sees the MIND-SSC descent direction and starts as a gradient flow "
                         "(not in the paper; see docs/benchmarks.md)")
     t.add_argument("--descent-rate", type=float,
-                   help="msode --gradient-input: the flow's rate P (default 2e4, calibrated at 32^3 x 8 mm)")
+                   help="msode --gradient-input: the flow's rate P (default rigid 2e4, bspline 1e7; calibrated at "
+                        "32^3 x 8 mm by benchmarks/msode_descent_rate.py)")
     t.add_argument("--ode-solvers", help="msode: solvers per level used in training and kept for registration, "
                    "e.g. F(0.2)-F(0.2)-F(0.1) (default: trains with F(0.25)-F(0.5)-F(1), registers with the paper's)")
     # --- end msode

@@ -27,6 +27,8 @@ from .warp import (BSplineBasis, apply_homogeneous, field_points, grid_points, r
                    translation_homogeneous, upsample_field)
 
 KINDS = ("rigid", "bspline", "dense")
+#: P's rate of ``gradient_input`` per parameterisation (benchmarks/msode_descent_rate.py)
+DEFAULT_DESCENT_RATES = {"rigid": 2e4, "bspline": 1e7}
 CONFIG_KEY = "_msode_config"
 
 
@@ -45,18 +47,19 @@ class MSODEConfig:
     mesh: int = 8
     #: the similarity L_sim the weights were trained with (mind | disa | content)
     similarity: str = "mind"
-    #: rigid only, not in the paper: f also sees the descent direction −P·∂L_sim/∂θ of the MIND-SSC
+    #: rigid and B-spline, not in the paper: f also sees the descent direction −P·∂L_sim/∂θ of the MIND-SSC
     #: distance at the current pose (a learned optimiser that is told the local slope, as in
     #: learning-to-optimise work) and adds it, gated, to its output.  The paper's f sees the images
     #: only; models trained that way stop ~10 mm from the answer on every contrast
     #: (docs/benchmarks.md, "is the miss on real scans a contrast gap?").
     gradient_input: bool = False
-    #: P = descent_rate · diag(1/R², 1/R², 1/R², 1, 1, 1), R = descent_radius_mm: rotations weigh by
+    #: rigid: P = descent_rate · diag(1/R², 1/R², 1/R², 1, 1, 1), R = descent_radius_mm: rotations weigh by
     #: the displacement they cause at R, so the untrained flow moves every point at a similar rate
     #: (rate 2e4 at R = 60 mm: the best untrained flow of 5e3–4e4 on 12 synthetic ±25° pairs at
     #: 32³ × 8 mm with F(0.1) steps, median RMSE(φ) 24.4 → 2.9 mm; 4e4 oscillates;
-    #: benchmarks/msode_descent_rate.py)
-    descent_rate: float = 2e4
+    #: benchmarks/msode_descent_rate.py).  B-spline: P = descent_rate (every coefficient alike).
+    #: None: the kind's default (DEFAULT_DESCENT_RATES)
+    descent_rate: Optional[float] = None
     descent_radius_mm: float = 60.0
 
     def __post_init__(self) -> None:
@@ -66,13 +69,17 @@ class MSODEConfig:
             raise InvalidParameterError(f"inputs must be one of {INPUT_MODES}, got {self.inputs!r}")
         if self.levels < 1 or self.total_time <= 0:
             raise InvalidParameterError(f"need L ≥ 1 and T > 0, got L={self.levels}, T={self.total_time}")
-        if self.gradient_input and self.kind != "rigid":
-            raise InvalidParameterError("gradient_input is implemented for the rigid parameterisation only")
+        if self.gradient_input and self.kind == "dense":
+            raise InvalidParameterError("gradient_input is implemented for the rigid and B-spline parameterisations only")
+        if self.descent_rate is None:
+            self.descent_rate = DEFAULT_DESCENT_RATES.get(self.kind, DEFAULT_DESCENT_RATES["rigid"])
         if self.descent_rate <= 0 or self.descent_radius_mm <= 0:
             raise InvalidParameterError(f"descent_rate and descent_radius_mm must be positive, got "
                                         f"{self.descent_rate} and {self.descent_radius_mm}")
 
     def descent_preconditioner(self) -> torch.Tensor:
+        if self.kind == "bspline":
+            return torch.tensor(float(self.descent_rate))
         inv_r2 = 1.0 / self.descent_radius_mm ** 2
         return self.descent_rate * torch.tensor([inv_r2] * 3 + [1.0] * 3)
 
@@ -126,7 +133,7 @@ class LevelField(nn.Module):
         return -grad * self.descent_preconditioner.to(grad), warped.detach(), warped_mind.detach()
 
     def descent(self, theta: torch.Tensor) -> torch.Tensor:
-        """−P·∂L_sim/∂θ per pair [B, 6], L_sim the MIND-SSC distance on this level's grid.
+        """−P·∂L_sim/∂θ per pair (shaped like θ), L_sim the MIND-SSC distance on this level's grid.
 
         A feature, like the images: it is computed on a detached copy of θ, so training does not
         differentiate through it (no second derivatives of the resampler)."""
@@ -137,14 +144,14 @@ class LevelField(nn.Module):
             # registration: the slope's warp and MIND-SSC are the network's inputs too (same θ),
             # so they are computed once; training needs inputs that carry θ's graph, below
             descent, warped, warped_mind = self._descent_with_warp(theta)
-            x = build_inputs(warped, self.fixed, self.inputs, self.fixed_mind, warped_mind)
-            return self.network(x, t, descent)
+            return self._network(build_inputs(warped, self.fixed, self.inputs, self.fixed_mind, warped_mind), t, descent)
         x = build_inputs(self.warp(theta), self.fixed, self.inputs, self.fixed_mind)
+        return self._network(x, t, self.descent(theta) if self.descent_preconditioner is not None else None)
+
+    def _network(self, x: torch.Tensor, t: torch.Tensor, descent: Optional[torch.Tensor]) -> torch.Tensor:
         if self.kind == "bspline":
-            return self.network(x, t, self.control_shape)
-        if self.descent_preconditioner is not None:
-            return self.network(x, t, self.descent(theta))
-        return self.network(x, t)
+            return self.network(x, t, self.control_shape, descent)
+        return self.network(x, t) if descent is None else self.network(x, t, descent)
 
 
 @dataclass
@@ -180,7 +187,7 @@ class MSODE(nn.Module):
         if c.kind == "rigid":
             nets = [RigidField(channels, c.width, gradient_input=c.gradient_input) for _ in range(c.levels)]
         elif c.kind == "bspline":
-            nets = [BSplineField(channels, c.width) for _ in range(c.levels)]
+            nets = [BSplineField(channels, c.width, gradient_input=c.gradient_input) for _ in range(c.levels)]
         else:
             nets = [DenseField(channels, (c.width, 2 * c.width, 2 * c.width)) for _ in range(c.levels)]
         self.fields = nn.ModuleList(nets)
@@ -214,21 +221,22 @@ class MSODE(nn.Module):
         return torch.zeros(b, 3, *pairs.fixed[0].shape[2:], dtype=ref.dtype, device=ref.device)
 
     def level_fields(self, pairs: PairBatch, pre: Optional[torch.Tensor] = None) -> list[LevelField]:
+        if len(pairs.fixed) != self.config.levels:
+            raise InvalidParameterError(f"the model has {self.config.levels} levels, the pyramid {len(pairs.fixed)}")
+        return [self.level_field(pairs, level, pre) for level in range(self.config.levels)]
+
+    def level_field(self, pairs: PairBatch, level: int, pre: Optional[torch.Tensor] = None) -> LevelField:
+        """f^(level) bound to the pairs' images on that pyramid level."""
         c = self.config
-        if len(pairs.fixed) != c.levels:
-            raise InvalidParameterError(f"the model has {c.levels} levels, the pyramid {len(pairs.fixed)}")
         if c.kind != "rigid" and pre is None:
             pre = translation_homogeneous(pairs.c_fixed, pairs.c_moving)
         control = self.control_grid(pairs.fixed_geometries[-1]) if c.kind == "bspline" else None
-        out = []
-        for level in range(c.levels):
-            geometry = pairs.fixed_geometries[level]
-            basis = BSplineBasis(control, geometry, pairs.fixed[level].device) if control is not None else None
-            out.append(LevelField(self.fields[level], c.kind, c.inputs, pairs.fixed[level], pairs.moving[level],
-                                  geometry, pairs.moving_geometries[level], pairs.c_fixed, pairs.c_moving, pre,
-                                  basis, control.shape if control is not None else None,
-                                  c.descent_preconditioner() if c.gradient_input else None))
-        return out
+        geometry = pairs.fixed_geometries[level]
+        basis = BSplineBasis(control, geometry, pairs.fixed[level].device) if control is not None else None
+        return LevelField(self.fields[level], c.kind, c.inputs, pairs.fixed[level], pairs.moving[level],
+                          geometry, pairs.moving_geometries[level], pairs.c_fixed, pairs.c_moving, pre,
+                          basis, control.shape if control is not None else None,
+                          c.descent_preconditioner() if c.gradient_input else None)
 
     def solve(self, pairs: PairBatch, theta0: Optional[torch.Tensor] = None, pre: Optional[torch.Tensor] = None,
               solvers: Optional[Sequence[SolverSpec]] = None, backprop: str = "direct",

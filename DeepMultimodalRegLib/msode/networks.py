@@ -91,19 +91,38 @@ class RigidField(nn.Module):
 
 
 class BSplineField(nn.Module):
-    """dθ/dt for B-spline coefficients [B, 3, gz, gy, gx], fully convolutional, ``scale`` mm per unit time."""
+    """dθ/dt for B-spline coefficients [B, 3, gz, gy, gx], fully convolutional, ``scale`` mm per unit time.
 
-    def __init__(self, in_channels: int, width: int = 16, scale: float = 5.0):
+    With ``gradient_input`` (not in the paper; see :class:`~.model.MSODEConfig`), ``forward`` also
+    takes ``descent`` = −P·∂L_sim/∂θ on the control grid: it enters the body squashed and upsampled to
+    the level's grid (3 more channels), and is added to the output with a learned positive gain (one
+    per level, 1 at the start); the body's last layer starts at zero, so an untrained model is a
+    gradient flow on L_sim over the coefficients, as for :class:`RigidField`.
+    """
+
+    def __init__(self, in_channels: int, width: int = 16, scale: float = 5.0, gradient_input: bool = False):
         super().__init__()
-        self.body = nn.Sequential(_block(in_channels + 1, width, 2), _block(width, 2 * width, 2),
+        self.gradient_input = gradient_input
+        extra = 3 if gradient_input else 0
+        self.body = nn.Sequential(_block(in_channels + 1 + extra, width, 2), _block(width, 2 * width, 2),
                                   _block(2 * width, 2 * width), nn.Conv3d(2 * width, 3, 3, 1, 1))
         nn.init.zeros_(self.body[-1].weight)
         nn.init.zeros_(self.body[-1].bias)
         self.scale = scale
+        if gradient_input:
+            self.log_gain = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, control_shape: tuple[int, int, int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, control_shape: tuple[int, int, int],
+                descent: torch.Tensor | None = None) -> torch.Tensor:
         tt = t.to(x.dtype).expand(x.shape[0], 1, *x.shape[2:])
-        return F.adaptive_avg_pool3d(self.body(torch.cat([x, tt], 1)), control_shape) * self.scale
+        if not self.gradient_input:
+            return F.adaptive_avg_pool3d(self.body(torch.cat([x, tt], 1)), control_shape) * self.scale
+        if descent is None:
+            raise InvalidParameterError("this field was built with gradient_input and needs the descent direction")
+        squashed = F.interpolate(torch.tanh(descent / self.scale), size=x.shape[2:], mode="trilinear",
+                                 align_corners=True)
+        learned = F.adaptive_avg_pool3d(self.body(torch.cat([x, tt, squashed], 1)), control_shape) * self.scale
+        return learned + torch.exp(self.log_gain.clamp(-6.0, 3.0)) * descent
 
 
 class DenseField(nn.Module):

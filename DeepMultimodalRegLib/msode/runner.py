@@ -7,6 +7,10 @@ without gradients and returns the library's :class:`RegistrationResult`: the tra
 before and after on the working grid, the time).  ``options.extra`` may hold ``weights`` (a
 state_dict file; ``weights_rigid`` / ``weights_deformable`` for the hybrid) and ``solvers`` (the
 paper's notation, e.g. ``"F(0.25)-F(0.25)-F(0.5)"``).
+
+``options.search == "global"`` (msode-rigid and the rigid stage of msode-hybrid; not in the paper)
+runs the rigid ODE from a grid of starting rotations and keeps the best by MIND-SSC level by level
+(:mod:`.multistart`); ``extra["range_deg"]`` sets the grid's range (default ±50° per axis, 27 starts).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Optional
 import torch
 
 from ..device import resolve_device
-from ..errors import NotAvailableError
+from ..errors import InvalidParameterError, NotAvailableError
 from ..image.validation import validate_registration_input
 from ..image.volume import Volume
 from ..methods.registry import RegistrationOptions
@@ -30,6 +34,7 @@ from ..transforms.displacement import DisplacementFieldTransform
 from ..transforms.resample import warp_volume
 from .grids import centre_of_mass, level_geometries, prepare, pyramid
 from .model import MSODE, PairBatch
+from .multistart import DEFAULT_RANGE_DEG, multistart_solve, rotation_starts
 from .similarity import similarity_loss
 from .solvers import parse_solvers
 from .warp import rigid_export, rigid_homogeneous, translation_homogeneous
@@ -67,20 +72,41 @@ def prepare_pair(fixed: Volume, moving: Volume, model: MSODE, device) -> PairBat
                      centre_of_mass(md, m.geometry))
 
 
+def _global_starts(model: MSODE, options: RegistrationOptions, device) -> torch.Tensor:
+    if model.config.kind != "rigid":
+        raise InvalidParameterError("--search global is offered for the rigid MS-ODE stage (msode-rigid, msode-hybrid) only")
+    if options.extra.get("starts") is not None or options.extra.get("range_mm") is not None:
+        raise InvalidParameterError(
+            "MS-ODE's global search starts from a grid of rotations (every 50° within ±--range-deg per axis); "
+            "--starts and --range-mm do not apply to it")
+    return rotation_starts(float(options.extra.get("range_deg", DEFAULT_RANGE_DEG)), device=device)
+
+
 def _solve(model: MSODE, pairs: PairBatch, options: RegistrationOptions, scope: ProgressScope, pre=None):
     solvers = parse_solvers(options.extra["solvers"]) if options.extra.get("solvers") else None
     levels = model.config.levels
+    search = options.search == "global" and model.config.kind == "rigid"
 
     def on_level(level, theta):
-        scope((level + 1) / levels, f"level {level + 1}/{levels}")
+        scope((level + 1) / levels, f"level {level + 1}/{levels}" + (f", {len(theta)} start(s) left" if search else ""))
     with torch.no_grad():
-        theta, info, fields = model.solve(pairs, pre=pre, solvers=solvers, cancel=options.cancel, on_level=on_level)
-        before = float(similarity_loss(fields[-1].warp(torch.zeros_like(theta)), pairs.fixed[-1]))  # θ = 0
-        after = float(similarity_loss(fields[-1].warp(theta), pairs.fixed[-1]))
+        if search:
+            starts = _global_starts(model, options, pairs.fixed[-1].device)
+            theta, info = multistart_solve(model, pairs, starts, solvers=solvers, cancel=options.cancel,
+                                           on_level=on_level)
+            field = model.level_field(pairs, levels - 1)
+            extra = {"search": "global", "starts": info.starts, "survivors_per_level": list(info.keep),
+                     "pose_evaluations": info.pose_evaluations,
+                     "chosen_start_deg": [round(math.degrees(v), 1) for v in starts[info.chosen_start, :3].tolist()]}
+        else:
+            theta, info, fields = model.solve(pairs, pre=pre, solvers=solvers, cancel=options.cancel, on_level=on_level)
+            field, extra = fields[-1], {}
+        before = float(similarity_loss(field.warp(torch.zeros_like(theta)), pairs.fixed[-1]))  # θ = 0
+        after = float(similarity_loss(field.warp(theta), pairs.fixed[-1]))
     used = solvers or model.config.solver_specs()
-    return theta, info, fields, {"nfe_per_level": info.nfe, "nfe": info.total_nfe,
-                                 "solvers": "-".join(str(s) for s in used), "mind_ssd_before": before,
-                                 "mind_ssd_after": after}
+    return theta, info, {"nfe_per_level": info.nfe, "nfe": info.total_nfe, **extra,
+                         "solvers": "-".join(str(s) for s in used), "mind_ssd_before": before,
+                         "mind_ssd_after": after}
 
 
 def run_msode(kind: str, fixed: Volume, moving: Volume, options: RegistrationOptions) -> RegistrationResult:
@@ -88,6 +114,11 @@ def run_msode(kind: str, fixed: Volume, moving: Volume, options: RegistrationOpt
     method = f"msode-{kind}"
     validate_registration_input(fixed, "fixed", method=method)
     validate_registration_input(moving, "moving", method=method)
+    if options.search not in ("local", "global"):
+        raise InvalidParameterError(f"search must be 'local' or 'global', got {options.search!r}")
+    if options.search == "global" and kind in ("bspline", "dense"):
+        raise InvalidParameterError(f"{method} has no global search; use msode-hybrid --search global, whose rigid "
+                                    "stage searches globally")
     start = time.perf_counter()
     device = resolve_device(options.device)
     scope = ProgressScope(options.progress, cancel=options.cancel)
@@ -104,7 +135,7 @@ def run_msode(kind: str, fixed: Volume, moving: Volume, options: RegistrationOpt
     if kind in ("rigid", "hybrid"):
         t0 = time.perf_counter()
         pairs = prepare_pair(fixed, moving, rigid_model, device)
-        theta, info, fields, fig = _solve(rigid_model, pairs, options, scope.sub(0.05, 0.5 if kind == "hybrid" else 0.9))
+        theta, info, fig = _solve(rigid_model, pairs, options, scope.sub(0.05, 0.5 if kind == "hybrid" else 0.9))
         transform = rigid_export(theta, pairs.c_fixed, pairs.c_moving)
         p = theta[0].tolist()
         fig["rotation_deg"] = [round(math.degrees(v), 3) for v in p[:3]]
@@ -120,7 +151,7 @@ def run_msode(kind: str, fixed: Volume, moving: Volume, options: RegistrationOpt
         else:
             pre = rigid_export(torch.zeros(1, 6, device=device), pairs.c_fixed, pairs.c_moving)
             pre_h = translation_homogeneous(pairs.c_fixed, pairs.c_moving)
-        theta, info, fields, fig = _solve(deform_model, pairs, options, scope.sub(0.5 if kind == "hybrid" else 0.05, 0.9),
+        theta, info, fig = _solve(deform_model, pairs, options, scope.sub(0.5 if kind == "hybrid" else 0.05, 0.9),
                                           pre=pre_h.to(pairs.fixed[-1].dtype))
         fixed_grid = pairs.fixed_geometries[-1]
         if deform_model.config.kind == "bspline":

@@ -60,9 +60,9 @@ class MSODETrainingConfig:
     width: int = 16
     mesh: int = 8
     similarity: str = "mind"
-    #: rigid: f also sees the MIND-SSC descent direction (see MSODEConfig.gradient_input)
+    #: rigid, B-spline: f also sees the MIND-SSC descent direction (see MSODEConfig.gradient_input)
     gradient_input: bool = False
-    descent_rate: float = 2e4
+    descent_rate: float | None = None  # None: the kind's default (msode.model.DEFAULT_DESCENT_RATES)
     lambda_self: float = 1.0
     lambda_reg: float | None = None  # None: 2 (B-spline), 10 (dense), 0 (rigid)
     self_pairs: str = "cross"
