@@ -2,14 +2,14 @@
 flow on the MIND-SSC distance) gets on synthetic training-style pairs, per candidate rate.
 
     python benchmarks/msode_descent_rate.py --rates 0,5000,10000,20000,40000
-    python benchmarks/msode_descent_rate.py --kind bspline --rates 0,2e6,5e6,1e7,2e7,4e7
+    python benchmarks/msode_descent_rate.py --kind bspline --rates 0,1e4,3e4,1e5,3e5,1e6,2e6,5e6,1e7,2e7,4e7 --solvers "F(0.2)-F(0.2)-F(0.25)"
 
 Pairs: ``training/msode_data.make_batch`` on the recipe's anatomies (voxelmorph T1, MNI152, Colin27)
 at 32³ × 8 mm, 3 levels, rotations U(±25°) and translations U(±20 mm) (``--kind bspline``: B-spline
 motions, 8 intervals per axis, coefficients N(0, (8 mm)²), the training's), validation-style generator
 seed 100000 (the training runs draw from seed 0).  Rate 0 is the centre-of-mass start.  Reported per
 rate: median and per-pair RMSE(φ) over the fixed brain, and the count under 2 mm.  Used to pick the
-defaults (``MSODEConfig.descent_rate``: 2e4 rigid, 1e7 B-spline); nothing is trained here.
+defaults (``MSODEConfig.descent_rate``: 2e4 rigid, 1e5 B-spline, where no rate helped); nothing is trained here.
 """
 
 from __future__ import annotations

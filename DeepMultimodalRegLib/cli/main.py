@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="msode rigid|bspline: f also sees the MIND-SSC descent direction and starts as a gradient flow "
                         "(not in the paper; see docs/benchmarks.md)")
     t.add_argument("--descent-rate", type=float,
-                   help="msode --gradient-input: the flow's rate P (default rigid 2e4, bspline 1e7; calibrated at "
+                   help="msode --gradient-input: the flow's rate P (default rigid 2e4, bspline 1e5; calibrated at "
                         "32^3 x 8 mm by benchmarks/msode_descent_rate.py)")
     t.add_argument("--ode-solvers", help="msode: solvers per level used in training and kept for registration, "
                    "e.g. F(0.2)-F(0.2)-F(0.1) (default: trains with F(0.25)-F(0.5)-F(1), registers with the paper's)")
