@@ -18,7 +18,7 @@ from DeepMultimodalRegLib.msode.model import MSODE, MSODEConfig
 from DeepMultimodalRegLib.msode.multistart import default_keep, multistart_solve, rotation_starts
 from DeepMultimodalRegLib.training.msode_data import MotionSettings, make_batch
 from DeepMultimodalRegLib.transforms.linear import RigidTransform
-from conftest import shared_scan
+from test_msode_gradient_input import kirby21_pair  # noqa: F401 — the shared 4 mm Kirby21 T1/T2 fixture
 from test_msode_training import phantom_anatomy
 
 
@@ -101,22 +101,10 @@ def test_bad_search_settings_fail_early():
         multistart_solve(bspline, pairs, rotation_starts(50.0))
 
 
-@pytest.fixture(scope="module")
-def kirby21_t1_t2():
-    from DeepMultimodalRegLib.image.io import read_volume
-    from DeepMultimodalRegLib.msode.grids import resample_onto
-
-    out = []
-    for file in ("t1_mprage", "t2"):
-        v = read_volume(shared_scan(f"mr_kirby21_113/{file}.nii.gz")).float()
-        out.append(resample_onto(v, v.geometry.resampled(4.0)))
-    return out
-
-
-def test_global_search_recovers_a_far_turned_real_t2(kirby21_t1_t2):
+def test_global_search_recovers_a_far_turned_real_t2(kirby21_pair):
     """Kirby21 T2 (never used in training) turned by (19°, 60°, 41°) and shifted: the shipped model from the
     identity alone ends ≈ 20 mm off (a wrong basin, benchmark seed 7 case 0); the global search < 2 mm."""
-    fixed, t2 = kirby21_t1_t2
+    fixed, t2 = kirby21_pair
     centre = torch.tensor(fixed.geometry.center, dtype=torch.float64)
     truth = RigidTransform(torch.tensor([[math.radians(18.8), math.radians(59.6), math.radians(41.4), 9.0, -14.0, 6.0]],
                                         dtype=torch.float64), centre)
@@ -132,8 +120,8 @@ def test_global_search_recovers_a_far_turned_real_t2(kirby21_t1_t2):
     assert result.figures["chosen_start_deg"] != [0.0, 0.0, 0.0]
 
 
-def test_global_search_is_refused_where_it_does_not_exist(kirby21_t1_t2):
-    fixed, t2 = kirby21_t1_t2
+def test_global_search_is_refused_where_it_does_not_exist(kirby21_pair):
+    fixed, t2 = kirby21_pair
     with pytest.raises(InvalidParameterError, match="no global search"):
         get_method("msode-bspline").runner(fixed, t2, RegistrationOptions(search="global"))
     with pytest.raises(InvalidParameterError, match="range-deg"):

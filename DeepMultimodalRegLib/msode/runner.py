@@ -72,9 +72,8 @@ def prepare_pair(fixed: Volume, moving: Volume, model: MSODE, device) -> PairBat
                      centre_of_mass(md, m.geometry))
 
 
-def _global_starts(model: MSODE, options: RegistrationOptions, device) -> torch.Tensor:
-    if model.config.kind != "rigid":
-        raise InvalidParameterError("--search global is offered for the rigid MS-ODE stage (msode-rigid, msode-hybrid) only")
+def _global_starts(options: RegistrationOptions, device) -> torch.Tensor:
+    """θ_0 of the rigid global search (run_msode refuses it for msode-bspline|dense up front)."""
     if options.extra.get("starts") is not None or options.extra.get("range_mm") is not None:
         raise InvalidParameterError(
             "MS-ODE's global search starts from a grid of rotations (every 50° within ±--range-deg per axis); "
@@ -91,7 +90,7 @@ def _solve(model: MSODE, pairs: PairBatch, options: RegistrationOptions, scope: 
         scope((level + 1) / levels, f"level {level + 1}/{levels}" + (f", {len(theta)} start(s) left" if search else ""))
     with torch.no_grad():
         if search:
-            starts = _global_starts(model, options, pairs.fixed[-1].device)
+            starts = _global_starts(options, pairs.fixed[-1].device)
             theta, info = multistart_solve(model, pairs, starts, solvers=solvers, cancel=options.cancel,
                                            on_level=on_level)
             field = model.level_field(pairs, levels - 1)
