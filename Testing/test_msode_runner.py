@@ -39,3 +39,32 @@ def test_deformable_methods_run_and_export(tmp_path, method):
     ours = result.transform.transform_points(torch.tensor(point[None]))[0, 0].numpy()
     assert np.allclose(itk.TransformPoint(tuple(point)), ours, atol=1e-4)
     assert abs(ours[0] - point[0] - 10.0) < 1.0  # moving = fixed rolled by one 10 mm voxel along +x
+
+
+def test_untrained_bspline_flow_file_feeds_the_hybrid_through_the_cli(tmp_path, monkeypatch):
+    """``training.msode_flow`` writes a loadable B-spline model that is a pure gradient flow (every
+    level's body outputs zero, unit gain); ``register --method msode-hybrid --weights FILE`` uses it for
+    the deformable stage after the shipped rigid model, and a rigid file there is refused clearly."""
+    from DeepMultimodalRegLib.cli.main import main as cli
+    from DeepMultimodalRegLib.errors import NotAvailableError
+    from DeepMultimodalRegLib.image.io import write_volume
+    from DeepMultimodalRegLib.training.msode_flow import main as flow_main
+
+    path = tmp_path / "flow.pt"
+    assert flow_main([str(path), "--size", "16", "--spacing", "10", "--mesh", "4", "--rate", "5e5"]) == 0
+    model = MSODE.from_state_dict(torch.load(path, weights_only=True))
+    c = model.config
+    assert (c.kind, c.size, c.spacing_mm, c.mesh, c.descent_rate, c.gradient_input) == ("bspline", 16, 10.0, 4, 5e5, True)
+    for field in model.fields:
+        assert not field.body[-1].weight.any() and float(field.log_gain.detach()) == 0.0
+    anatomy = phantom_anatomy()
+    moving = anatomy.image.with_data(torch.roll(anatomy.image.data, 1, 2), name="moved")
+    write_volume(anatomy.image, tmp_path / "fixed.nii.gz")
+    write_volume(moving, tmp_path / "moving.nii.gz")
+    out = tmp_path / "out"
+    assert cli(["register", str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz"), "-o", str(out),
+                "--method", "msode-hybrid", "--weights", str(path), "--device", "cpu"]) == 0
+    itk = sitk.ReadTransform(str(out / "transform.h5"))  # a composite (rigid, B-spline) is written as HDF5
+    assert itk.GetName() == "CompositeTransform"
+    with pytest.raises(NotAvailableError, match="bspline model is needed"):
+        get_method("msode-hybrid").runner(anatomy.image, moving, RegistrationOptions(extra={"weights": weights(tmp_path, "rigid")}))

@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "run a trous) or 4 voxels (8 mm, as the linear stages use)")
     # --- rso (issue 5)
     r.add_argument("--weights", type=Path, help="deep: general-model weights (default: the shipped `general`); msode-*: a trained MS-ODE model "
-                        "(default for msode-rigid: the shipped msode_rigid; none ships for the deformable kinds)")
+                        "(default for msode-rigid: the shipped msode_rigid; none ships for the deformable kinds; "
+                        "msode-hybrid: the B-spline model of its deformable stage, after the shipped rigid model; "
+                        "an untrained B-spline gradient flow: python -m DeepMultimodalRegLib.training.msode_flow OUT.pt)")
     r.add_argument("--working-spacing", type=float, help="deep: working grid spacing in mm (default: the model's)")
     r.add_argument("--similarity", choices=("auto", "mse", "ncc", "disa"),
                    help="deep: loss of ISO/RSO (default auto: mse for same-modality pairs, ncc otherwise; disa = "

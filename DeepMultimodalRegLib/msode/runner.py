@@ -5,7 +5,8 @@ without gradients and returns the library's :class:`RegistrationResult`: the tra
 ``Composite[pre, B-spline | field]``), the warped moving volume at full resolution, and figures
 (the number of function evaluations per level and in total, the solvers, the MIND-SSC distance
 before and after on the working grid, the time).  ``options.extra`` may hold ``weights`` (a
-state_dict file; ``weights_rigid`` / ``weights_deformable`` for the hybrid) and ``solvers`` (the
+state_dict file; for the hybrid ``weights`` or ``weights_deformable`` is the B-spline model and
+``weights_rigid`` the rigid one, default the shipped ``msode_rigid``) and ``solvers`` (the
 paper's notation, e.g. ``"F(0.25)-F(0.25)-F(0.5)"``).
 
 ``options.search == "global"`` (msode-rigid and the rigid stage of msode-hybrid; not in the paper)
@@ -127,7 +128,9 @@ def run_msode(kind: str, fixed: Volume, moving: Volume, options: RegistrationOpt
         rigid_model = load_model("rigid", extra.get("weights_rigid") or (extra.get("weights") if kind == "rigid" else None), device)
     if kind != "rigid":
         deform_kind = "bspline" if kind in ("bspline", "hybrid") else "dense"
-        deform_model = load_model(deform_kind, extra.get("weights_deformable") or (extra.get("weights") if kind != "hybrid" else None), device)
+        # msode-hybrid: ``weights`` (the CLI's --weights) names the deformable stage's model; the rigid
+        # stage uses ``weights_rigid`` or the shipped msode_rigid
+        deform_model = load_model(deform_kind, extra.get("weights_deformable") or extra.get("weights"), device)
     scope(0.0, "preparing images")
 
     transform = None
