@@ -30,7 +30,8 @@ KINDS = ("rigid", "bspline", "dense")
 #: P's rate of ``gradient_input`` per parameterisation (benchmarks/msode_descent_rate.py).  B-spline:
 #: no rate of 1e4–4e7 made the untrained flow reduce the error of synthetic 8 mm-σ B-spline motions at
 #: 32³ × 8 mm (median 5.5 mm at the start, 5.5–6.0 mm up to 3e5, worse above); 1e5 keeps the flow
-#: gentle, so a trained body, not the raw slope, has to do the work there
+#: gentle, so a trained body, not the raw slope, has to do the work there.  On real scans at 64³ × 4 mm
+#: the untrained flow does help, best at 1e6 (training/msode_flow.py, which sets that rate itself)
 DEFAULT_DESCENT_RATES = {"rigid": 2e4, "bspline": 1e5}
 CONFIG_KEY = "_msode_config"
 

@@ -7,9 +7,9 @@ Why: the B-spline models trained on 2 CPU cores (32³ × 8 mm) made real hybrid 
 the untrained gradient-input model on a 64³ × 4 mm grid, whose body outputs zero so that
 dθ/dt = −rate·∂L_sim/∂c, brought held-out Kirby21 hybrid motions from ≈ 4.5 mm after the rigid stage
 to ≈ 3 mm (docs/benchmarks.md, "MS-ODE hybrid").  The file is what ``register --method msode-hybrid
---weights-deformable``/``msode-bspline --weights`` reads, and the starting point for fine-tuning with
-``train msode --kind bspline --gradient-input`` at the same grid.  Nothing in it is learned: its
-card must say so.
+--weights FILE`` (its deformable stage) or ``msode-bspline --weights FILE`` reads, and the starting point
+for fine-tuning with ``train msode --kind bspline --gradient-input`` at the same grid.  Nothing in it is
+learned, so it is not shipped as a model.
 """
 
 from __future__ import annotations
