@@ -126,3 +126,35 @@ def test_global_search_is_refused_where_it_does_not_exist(kirby21_pair):
         get_method("msode-bspline").runner(fixed, t2, RegistrationOptions(search="global"))
     with pytest.raises(InvalidParameterError, match="range-deg"):
         get_method("msode-rigid").runner(fixed, t2, RegistrationOptions(search="global", extra={"starts": 500}))
+
+
+def test_a_pose_the_similarity_likes_less_than_the_start_is_never_returned(kirby21_pair, monkeypatch):
+    """The rigid runner keeps the centre-of-mass start when the solved pose has a larger MIND-SSC
+    distance (the shipped model can push nearly aligned pairs several mm away): forced here with a
+    solve that returns a 30° turn of the co-registered T2, local and global."""
+    from DeepMultimodalRegLib.msode import runner
+    from DeepMultimodalRegLib.msode.model import MSODE as Model
+
+    fixed, t2 = kirby21_pair
+    turn = torch.tensor([[math.radians(30), 0.0, 0.0, 0.0, 0.0, 0.0]])
+    real_solve = Model.solve
+
+    def bad_solve(self, pairs, *args, **kwargs):
+        theta, info, fields = real_solve(self, pairs, *args, **kwargs)
+        return turn.to(theta).expand_as(theta).clone(), info, fields
+
+    def bad_search(model, pairs, starts, **kwargs):
+        from DeepMultimodalRegLib.msode.multistart import MultistartInfo
+        return turn.to(pairs.fixed[-1]), MultistartInfo(starts=1, keep=(1,) * model.config.levels, nfe=[0] * model.config.levels)
+
+    monkeypatch.setattr(Model, "solve", bad_solve)
+    monkeypatch.setattr(runner, "multistart_solve", bad_search)
+    points = foreground_points(fixed, 1000, seed=0)
+    identity = RigidTransform.identity(1, center=fixed.geometry.center)
+    for search in ("local", "global"):
+        result = get_method("msode-rigid").runner(fixed, t2, RegistrationOptions(search=search))
+        assert result.figures["kept_start"] is True
+        assert result.figures["mind_ssd_after"] == result.figures["mind_ssd_before"]
+        assert result.figures["rotation_deg"] == [0.0, 0.0, 0.0]
+        # the start is the centre-of-mass alignment of a co-registered pair: a few mm at most
+        assert target_registration_error(result.transform, identity, points)["mean_mm"] < 5.0

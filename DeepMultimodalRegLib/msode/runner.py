@@ -103,6 +103,13 @@ def _solve(model: MSODE, pairs: PairBatch, options: RegistrationOptions, scope: 
             field, extra = fields[-1], {}
         before = float(similarity_loss(field.warp(torch.zeros_like(theta)), pairs.fixed[-1]))  # θ = 0
         after = float(similarity_loss(field.warp(theta), pairs.fixed[-1]))
+    if model.config.kind == "rigid" and after > before:
+        # never hand back a pose the similarity likes less than the start: near the answer (images
+        # nearly aligned already) the shipped model's learned 8 mm level can push a pose several mm
+        # away and its 4 mm flow does not always return (docs/benchmarks.md, global-search section,
+        # "Near-aligned pairs")
+        theta, after = torch.zeros_like(theta), before
+        extra["kept_start"] = True
     used = solvers or model.config.solver_specs()
     return theta, info, {"nfe_per_level": info.nfe, "nfe": info.total_nfe, **extra,
                          "solvers": "-".join(str(s) for s in used), "mind_ssd_before": before,
