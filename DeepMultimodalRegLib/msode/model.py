@@ -126,6 +126,13 @@ class LevelField(nn.Module):
             mapped = apply_homogeneous(self.pre, field_points(self.points, self.displacement(theta)))
         return sample_moving(self.moving, self.moving_geometry, mapped)
 
+    def mind_distance(self, theta: torch.Tensor) -> torch.Tensor:
+        """The MIND-SSC distance [B] between the moving warped by θ and the fixed image on this level
+        (the fixed image's descriptors computed once per field)."""
+        if self.fixed_mind is None:
+            self.fixed_mind = mind_ssc(self.fixed, radius=1, dilation=1)
+        return mind_ssd(mind_ssc(self.warp(theta), radius=1, dilation=1), self.fixed_mind, per_batch=True)
+
     def _descent_with_warp(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(−P·∂L_sim/∂θ, the warped moving image, its MIND-SSC), all detached from θ."""
         with torch.enable_grad():

@@ -19,7 +19,6 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..errors import InvalidParameterError
-from ..metrics.mind import mind_ssc, mind_ssd
 from ..progress import CancelToken
 from .dynamics import CountingField, segment_bounds, solve_segment
 from .model import MSODE, PairBatch
@@ -56,7 +55,8 @@ def default_keep(starts: int, levels: int) -> tuple[int, ...]:
 
     Chosen on 12 held-out ±75° Kirby21 cases (benchmark seed 7, not the benchmark's own cases): the
     best start that ends < 2 mm ranked ≤ 3rd of 27 by the MIND-SSC distance after the 8³ level and
-    ≤ 2nd after the 16³ and the 32³ levels, in every case."""
+    ≤ 2nd after the 16³ and the 32³ levels, in every case
+    (``python benchmarks/msode_multistart_pruning.py --seed 7 --cases 6``)."""
     keep, n = [], starts
     for level in range(levels):
         if level == levels - 1:
@@ -129,8 +129,7 @@ def multistart_solve(model: MSODE, pairs: PairBatch, starts: torch.Tensor, keep:
         theta = solve_segment(counter, theta, t0, t1, solvers[level])
         info.nfe.append(counter.nfe)
         with torch.no_grad():
-            fixed_mind = level_field.fixed_mind if level_field.fixed_mind is not None else mind_ssc(level_field.fixed, 1, 1)
-            loss = mind_ssd(mind_ssc(level_field.warp(theta), 1, 1), fixed_mind, per_batch=True)
+            loss = level_field.mind_distance(theta)
         n = min(keep[level], len(alive))
         best = torch.argsort(loss, stable=True)[:n]
         info.level_losses.append([(int(i), float(v)) for i, v in zip(alive.tolist(), loss.tolist())])

@@ -36,7 +36,6 @@ from ..transforms.resample import warp_volume
 from .grids import centre_of_mass, level_geometries, prepare, pyramid
 from .model import MSODE, PairBatch
 from .multistart import DEFAULT_RANGE_DEG, multistart_solve, rotation_starts
-from .similarity import similarity_loss
 from .solvers import parse_solvers
 from .warp import rigid_export, rigid_homogeneous, translation_homogeneous
 
@@ -101,11 +100,11 @@ def _solve(model: MSODE, pairs: PairBatch, options: RegistrationOptions, scope: 
         else:
             theta, info, fields = model.solve(pairs, pre=pre, solvers=solvers, cancel=options.cancel, on_level=on_level)
             field, extra = fields[-1], {}
-        before = float(similarity_loss(field.warp(torch.zeros_like(theta)), pairs.fixed[-1]))  # θ = 0
-        after = float(similarity_loss(field.warp(theta), pairs.fixed[-1]))
+        # θ = 0 (the centre-of-mass start) and the result, on the finest level's grid
+        before, after = float(field.mind_distance(torch.zeros_like(theta))[0]), float(field.mind_distance(theta)[0])
     if model.config.kind == "rigid" and after > before:
         # never hand back a pose the similarity likes less than the start: near the answer (images
-        # nearly aligned already) the shipped model's learned 8 mm level can push a pose several mm
+        # nearly aligned already) the shipped model's learned levels can push a pose several mm
         # away and its 4 mm flow does not always return (docs/benchmarks.md, global-search section,
         # "Near-aligned pairs")
         theta, after = torch.zeros_like(theta), before
