@@ -68,3 +68,28 @@ def test_untrained_bspline_flow_file_feeds_the_hybrid_through_the_cli(tmp_path, 
     assert itk.GetName() == "CompositeTransform"
     with pytest.raises(NotAvailableError, match="bspline model is needed"):
         get_method("msode-hybrid").runner(anatomy.image, moving, RegistrationOptions(extra={"weights": weights(tmp_path, "rigid")}))
+
+
+def test_hybrid_reuses_the_rigid_stage_pyramid_only_where_it_equals_a_fresh_one():
+    """msode-hybrid prepares the images once when both models share the working grid: the finest levels
+    of the rigid model's pyramid are exactly what the deformable model would prepare itself."""
+    from dataclasses import replace
+
+    from DeepMultimodalRegLib.msode.runner import _reusable_pair, prepare_pair
+
+    anatomy = phantom_anatomy()
+    moving = anatomy.image.with_data(torch.roll(anatomy.image.data, 1, 2), name="moved")
+    rigid = MSODE(tiny_config("rigid").model_config())
+    c = rigid.config
+    deformable = MSODE(replace(tiny_config("bspline").model_config(), size=c.size, spacing_mm=c.spacing_mm,
+                               levels=c.levels - 1))
+    pairs = prepare_pair(anatomy.image, moving, rigid, "cpu")
+    reused, fresh = _reusable_pair(pairs, rigid, deformable), prepare_pair(anatomy.image, moving, deformable, "cpu")
+    assert reused is not None and len(reused.fixed) == c.levels - 1
+    for a, b in zip(reused.fixed + reused.moving, fresh.fixed + fresh.moving):
+        assert torch.equal(a, b)
+    assert [g.shape for g in reused.fixed_geometries] == [g.shape for g in fresh.fixed_geometries]
+    assert torch.equal(reused.c_fixed, fresh.c_fixed) and torch.equal(reused.c_moving, fresh.c_moving)
+    # another working grid, or more levels than the rigid stage prepared: prepared afresh
+    assert _reusable_pair(pairs, rigid, MSODE(replace(deformable.config, spacing_mm=c.spacing_mm * 2))) is None
+    assert _reusable_pair(pairs, rigid, MSODE(replace(deformable.config, levels=c.levels + 1))) is None

@@ -186,6 +186,14 @@ class PairBatch:
                          self.fixed_geometries, self.moving_geometries, self.c_fixed.to(device),
                          self.c_moving.to(device))
 
+    def finest(self, levels: int) -> "PairBatch":
+        """The same pairs with only the ``levels`` finest pyramid levels: what a ``levels``-level model
+        of the same working grid would have prepared (each level is the 2× average of the next)."""
+        if not 1 <= levels <= len(self.fixed):
+            raise ValueError(f"cannot keep {levels} of {len(self.fixed)} pyramid levels")
+        return PairBatch(self.fixed[-levels:], self.moving[-levels:], self.fixed_geometries[-levels:],
+                         self.moving_geometries[-levels:], self.c_fixed, self.c_moving)
+
 
 class MSODE(nn.Module):
     """MS-ODENet: one network per level; :meth:`solve` returns θ(T) and the solver's record."""

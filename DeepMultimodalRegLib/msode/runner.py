@@ -62,6 +62,15 @@ def load_model(kind: str, weights: Optional[str] = None, device="cpu") -> MSODE:
     return model.to(device).eval()
 
 
+def _reusable_pair(pairs: PairBatch, prepared_for: MSODE, model: MSODE) -> Optional[PairBatch]:
+    """``pairs`` (prepared for ``prepared_for``) as :func:`prepare_pair` would give them for ``model``,
+    or None when the working grids differ or ``model`` needs more pyramid levels."""
+    a, b = prepared_for.config, model.config
+    if (a.size, float(a.spacing_mm)) != (b.size, float(b.spacing_mm)) or b.levels > a.levels:
+        return None
+    return pairs.finest(b.levels)
+
+
 def prepare_pair(fixed: Volume, moving: Volume, model: MSODE, device) -> PairBatch:
     c = model.config
     f = prepare(fixed, c.size, c.spacing_mm)
@@ -153,7 +162,9 @@ def run_msode(kind: str, fixed: Volume, moving: Volume, options: RegistrationOpt
         pre_h = rigid_homogeneous(theta, pairs.c_fixed, pairs.c_moving)
     if kind != "rigid":
         t0 = time.perf_counter()
-        pairs = prepare_pair(fixed, moving, deform_model, device)
+        # a hybrid whose two models share the working grid reuses the rigid stage's images
+        reused = _reusable_pair(pairs, rigid_model, deform_model) if kind == "hybrid" else None
+        pairs = reused or prepare_pair(fixed, moving, deform_model, device)
         if kind == "hybrid":
             pre = transform
         else:

@@ -12,8 +12,12 @@ operation is differentiable with respect to them.
 from __future__ import annotations
 
 import abc
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # annotations only: the geometry module does not need the transforms
+    from ..image.geometry import ImageGeometry
 
 
 class Transform(abc.ABC):
@@ -50,6 +54,14 @@ class Transform(abc.ABC):
         ``points`` is ``[..., 3]``, shared by all B transforms, or with ``batched=True`` it is
         ``[B, ..., 3]``, one point set per transform (as when composing transforms).
         """
+
+    def transform_grid(self, reference: "ImageGeometry", z_range: tuple[int, int] | None = None,
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Map every voxel centre of ``reference`` (slices ``z_range``): ``[B, d, H, W, 3]`` in ``dtype``
+        (default: the transform's).  The same values as ``transform_points`` of the grid's points;
+        transforms that can use the grid's regular structure (a B-spline) override it to be faster."""
+        dtype = dtype or self.dtype
+        return self.transform_points(reference.physical_grid(device=self.device, dtype=dtype, z_range=z_range))
 
     @abc.abstractmethod
     def select(self, index: int) -> "Transform":

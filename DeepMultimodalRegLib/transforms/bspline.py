@@ -125,5 +125,48 @@ class BSplineTransform(DisplacementTransform):
         out = out * valid.unsqueeze(1).to(out.dtype)
         return out.transpose(1, 2).reshape(b, *spatial, 3).to(points.dtype)
 
+    def transform_grid(self, reference: ImageGeometry, z_range: tuple[int, int] | None = None,
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
+        """:meth:`transform_points` of ``reference``'s voxel centres, by separable sums when each axis of
+        the control grid runs along one axis of ``reference`` (the same axes, possibly flipped or
+        permuted: a B-spline on an LPS-aligned working grid, warping a scan stored RAS or LPS).
+
+        Why: the continuous control index along each control axis then depends on one voxel index of
+        ``reference`` alone, so the 4 × 4 × 4 tensor-product sum factors into three small matrix
+        products (one [n, grid size] weight matrix per axis) instead of 64 gathers per voxel: warping
+        a 2 mm brain through an MS-ODE hybrid result took 4 s the per-point way.  Other grids (turned
+        against the control grid) take the per-point path."""
+        dtype = dtype or self.dtype
+        z0, z1 = z_range if z_range is not None else (0, reference.shape[0])
+        # reference voxel index (i, j, k) → continuous control index: index_c = M · index_r + offset
+        affine = self.grid.physical_to_index_matrix() @ reference.index_to_physical_matrix()
+        m, offset = affine[:3, :3], affine[:3, 3]
+        along = np.abs(m) > 1e-9 * np.abs(m).max()
+        if not (along.sum(1) == 1).all() or not (along.sum(0) == 1).all():
+            return super().transform_grid(reference, z_range, dtype)
+        c = self.coefficients.to(torch.float64)
+        counts = [(0, reference.shape[2]), (0, reference.shape[1]), (z0, z1)]  # voxel ranges along i, j, k
+        letters_r, letters_c = "XYZ", "ijk"  # reference axes (x, y, z), control axes (x, y, z)
+        operands, subscripts = [c], ["bckji"]
+        for axis in range(3):
+            r = int(np.nonzero(along[axis])[0][0])  # the reference axis this control axis runs along
+            lo, hi = counts[r]
+            index = offset[axis] + m[axis, r] * torch.arange(lo, hi, dtype=torch.float64, device=c.device)
+            operands.append(_axis_weights(index, self.grid.size_xyz[axis]))
+            subscripts.append(letters_r[r] + letters_c[axis])
+        u = torch.einsum(",".join(subscripts) + "->bZYXc", *operands)  # [B, d, H, W, 3]
+        points = reference.physical_grid(device=c.device, dtype=torch.float64, z_range=(z0, z1))
+        return (points + u).to(dtype)
+
     def with_tensor(self, tensor: torch.Tensor) -> "BSplineTransform":
         return BSplineTransform(self.grid, tensor)
+
+
+def _axis_weights(index: torch.Tensor, size: int) -> torch.Tensor:
+    """[n, size] cubic B-spline weights of the control points along one axis at continuous control indices
+    ``index`` [n]; a zero row outside ITK's valid region (index < 1 or > size − 2), as :meth:`displacement`."""
+    base = (torch.floor(index).long() - 1).clamp(0, size - 4)
+    weights = cubic_bspline_weights(index - (base + 1).to(index.dtype))  # [n, 4]
+    weights = weights * ((index >= 1) & (index <= size - 2)).to(weights.dtype)[:, None]
+    out = torch.zeros(index.shape[0], size, dtype=index.dtype, device=index.device)
+    return out.scatter_add_(1, base[:, None] + torch.arange(4, device=index.device), weights)

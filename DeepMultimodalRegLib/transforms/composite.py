@@ -42,8 +42,18 @@ class CompositeTransform(Transform):
         return [x for t in self.transforms for x in t.tensors()]
 
     def transform_points(self, points: torch.Tensor, batched: bool = False) -> torch.Tensor:
+        return self._carry_through(points, batched, list(reversed(self.transforms)))
+
+    def transform_grid(self, reference, z_range=None, dtype=None) -> torch.Tensor:
+        """The first-applied transform maps the grid its own (possibly faster) way; the rest carry the points on."""
+        first = self.transforms[-1]
+        mapped = first.transform_grid(reference, z_range, dtype or first.dtype)
+        return self._carry_through(mapped, True, list(reversed(self.transforms[:-1])))
+
+    def _carry_through(self, points: torch.Tensor, batched: bool, transforms: list[Transform]) -> torch.Tensor:
+        """``points`` through ``transforms`` in the order given."""
         current, is_batched = points, batched
-        for t in reversed(self.transforms):
+        for t in transforms:
             if is_batched and t.batch_size == 1 and current.shape[0] > 1:
                 # a single transform applied to every element of a batch: fold the batch into points
                 b = current.shape[0]

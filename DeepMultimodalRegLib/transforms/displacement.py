@@ -37,7 +37,7 @@ class DisplacementFieldTransform(DisplacementTransform):
     def from_transform(cls, transform: Transform, geometry: ImageGeometry, dtype=torch.float32):
         """Rasterise any transform on ``geometry``: u(x) = T(x) − x at every voxel centre."""
         points = geometry.physical_grid(device=transform.device, dtype=torch.float64)
-        mapped = transform.transform_points(points.to(transform.dtype))
+        mapped = transform.transform_grid(geometry)
         field = (mapped.double() - points).permute(0, 4, 1, 2, 3).to(dtype)
         return cls(geometry, field)
 

@@ -16,8 +16,7 @@ from .base import Transform
 def jacobian_determinant(transform: Transform, reference: ImageGeometry) -> Volume:
     """det(∂T/∂x) at every voxel of ``reference`` (central differences, one-sided at the edges)."""
     with torch.no_grad():
-        points = reference.physical_grid(device=transform.device, dtype=torch.float64)
-        mapped = transform.select(0).transform_points(points.to(transform.dtype))[0].double()  # [D,H,W,3]
+        mapped = transform.select(0).transform_grid(reference)[0].double()  # [D,H,W,3]
         # derivatives along the array axes k, j, i (dims 0, 1, 2), per unit index
         dims = [d for d in range(3) if reference.shape[d] > 1]
         grads = torch.gradient(mapped, dim=dims) if dims else []

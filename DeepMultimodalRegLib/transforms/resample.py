@@ -53,8 +53,7 @@ def resample_tensor(data: torch.Tensor, geometry: ImageGeometry, transform: Tran
             grid = _affine_grid(index_to_grid.to(image.dtype), z0, z1, height, width)
             values = sample_grid(image, geometry, grid, mode=mode, default_value=default_value)
         else:
-            points = reference.physical_grid(device=data.device, dtype=point_dtype, z_range=(z0, z1))
-            mapped = transform.transform_points(points)  # [B, d, H, W, 3]
+            mapped = transform.transform_grid(reference, (z0, z1), point_dtype).to(data.device)  # [B, d, H, W, 3]
             values = sample_at_points(image, geometry, mapped, mode=mode, default_value=default_value)
         if out is None:
             pieces.append(values.to(out_dtype))
