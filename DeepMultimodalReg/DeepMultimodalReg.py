@@ -110,8 +110,18 @@ ACTION_WIDGETS = {
     "showJacobianButton": "QPushButton",
     "geometryPathLineEdit": "ctkPathLineEdit",
     "sopiModelPathLineEdit": "ctkPathLineEdit",
+    "msodeWeightsPathLineEdit": "ctkPathLineEdit",
+    "msodeRigidWeightsPathLineEdit": "ctkPathLineEdit",
     "register2d3dButton": "QPushButton",
     "showDrrButton": "QPushButton",
+}
+
+#: The path fields and the settings they edit (bound by the Widget: slicer.util does not bind ctkPathLineEdit).
+PATH_SETTINGS = {
+    "geometryPathLineEdit": "GeometryFile",
+    "sopiModelPathLineEdit": "SopiModelDir",
+    "msodeWeightsPathLineEdit": "MsodeWeights",
+    "msodeRigidWeightsPathLineEdit": "MsodeRigidWeights",
 }
 
 #: How often the GUI looks at a running job (progress bar, result) in milliseconds.
@@ -156,7 +166,7 @@ Choose the fixed and the moving volume, a method and where the result goes, then
 <li><b>disa-*</b>: a small CNN whose features approximate the LC<sup>2</sup> similarity (rigid, affine, deformable);
 use <i>global</i> search for a wide capture range.</li>
 <li><b>mind-*</b>, <b>lc2-rigid</b>: classical MIND-SSC and LC<sup>2</sup> similarities, for comparison.</li>
-<li><b>msode-*</b>: a learned multi-scale neural-ODE optimiser (rigid, B-spline, dense, hybrid). A preliminary rigid model ships (reliable up to about ±25° from the start; use <i>global</i> search for larger turns: 27 starting rotations, about twice the time); the others need trained weights.</li>
+<li><b>msode-*</b>: a learned multi-scale neural-ODE optimiser (rigid, B-spline, dense, hybrid). A preliminary rigid model ships (reliable up to about ±25° from the start; use <i>global</i> search for larger turns: 27 starting rotations, about twice the time); the others need trained weights: choose the file under <i>MS-ODE model</i> (for msode-hybrid, its B-spline stage; <i>MS-ODE rigid stage</i> replaces the shipped rigid model).</li>
 <li><b>deep</b>: a general deep deformable model that can then be refined inside a box you draw.</li>
 </ul>
 Computation runs on a CUDA GPU when there is one (device <i>auto</i>) and on the CPU otherwise.
@@ -229,8 +239,8 @@ class DeepMultimodalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.showSimilarityButton.connect("clicked(bool)", lambda: self.onShow("SimilarityMap"))
         self.ui.showJacobianButton.connect("clicked(bool)", lambda: self.onShow("JacobianMap"))
         # ctkPathLineEdit is not among slicer.util's parameter-bound widget classes: bound here
-        self.ui.geometryPathLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
-        self.ui.sopiModelPathLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
+        for widgetName in PATH_SETTINGS:
+            getattr(self.ui, widgetName).connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
         self.ui.register2d3dButton.connect("clicked(bool)", self.onRegister2D3DButton)
         self.ui.showDrrButton.connect("clicked(bool)", self.onShowDrr)
         self.ui.progressBar.setValue(0)
@@ -290,8 +300,8 @@ class DeepMultimodalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._updatingGUIFromParameterNode = True
         try:
             slicer.util.updateParameterEditWidgetsFromNode(self._parameterEditWidgets, self._parameterNode)
-            self.ui.geometryPathLineEdit.currentPath = self._parameterNode.GetParameter("GeometryFile")
-            self.ui.sopiModelPathLineEdit.currentPath = self._parameterNode.GetParameter("SopiModelDir")
+            for widgetName, setting in PATH_SETTINGS.items():
+                getattr(self.ui, widgetName).currentPath = self._parameterNode.GetParameter(setting)
             self._updateButtonStates()
         finally:
             self._updatingGUIFromParameterNode = False
@@ -302,8 +312,8 @@ class DeepMultimodalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         wasModified = self._parameterNode.StartModify()
         try:
             slicer.util.updateNodeFromParameterEditWidgets(self._parameterEditWidgets, self._parameterNode)
-            self._parameterNode.SetParameter("GeometryFile", self.ui.geometryPathLineEdit.currentPath)
-            self._parameterNode.SetParameter("SopiModelDir", self.ui.sopiModelPathLineEdit.currentPath)
+            for widgetName, setting in PATH_SETTINGS.items():
+                self._parameterNode.SetParameter(setting, getattr(self.ui, widgetName).currentPath)
         finally:
             self._parameterNode.EndModify(wasModified)
         roi = self._parameterNode.GetNodeReference("RefinementROI")

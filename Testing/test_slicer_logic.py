@@ -217,3 +217,44 @@ def test_global_search_reaches_msode_rigid_without_the_random_start_settings(sce
     request = logic.prepare(node_from_volume(scene, fixed, name="T1"), node_from_volume(scene, moving, name="T2"),
                             method="msode-rigid", settings={"Device": "cpu", "Search": "global", "Starts": 8})
     assert request.options.search == "global" and request.options.extra == {}
+
+
+def test_msode_model_files_reach_the_runner_and_bad_ones_fail_before_any_work(scene, misaligned_pair, tmp_path):
+    """The module's MS-ODE model fields: msode-bspline|dense|rigid get ``weights``, msode-hybrid gets its
+    deformable (and, if set, rigid) stage's file; a missing file, a file of the wrong kind and a method
+    with neither a file nor a shipped model are refused in ``prepare``, before any volume is copied."""
+    from DeepMultimodalRegLib.errors import NotAvailableError
+    from DeepMultimodalRegLib.msode.model import MSODE
+    from test_msode_training import tiny_config
+
+    fixed, moving, _ = misaligned_pair
+    fixed_node, moving_node = node_from_volume(scene, fixed, name="T1"), node_from_volume(scene, moving, name="T2")
+    files = {}
+    for kind in ("rigid", "bspline"):
+        files[kind] = str(tmp_path / f"{kind}.pt")
+        torch.save(MSODE(tiny_config(kind).model_config()).state_dict_with_config(), files[kind])
+    logic = RegistrationLogic(scene)
+
+    def prepare(method, **settings):
+        return logic.prepare(fixed_node, moving_node, method=method, settings={"Device": "cpu", **settings})
+
+    assert prepare("msode-bspline", MsodeWeights=files["bspline"]).options.extra == {"weights": files["bspline"]}
+    hybrid = prepare("msode-hybrid", MsodeWeights=files["bspline"], MsodeRigidWeights=files["rigid"])
+    assert hybrid.options.extra == {"weights_deformable": files["bspline"], "weights_rigid": files["rigid"]}
+    assert prepare("msode-hybrid", MsodeWeights=files["bspline"]).options.extra == {"weights_deformable": files["bspline"]}
+    assert prepare("msode-rigid").options.extra == {}  # the shipped rigid model
+    with pytest.raises(InvalidParameterError, match="does not exist"):
+        prepare("msode-bspline", MsodeWeights=str(tmp_path / "missing.pt"))
+    with pytest.raises(NotAvailableError, match="rigid model, a bspline model is needed"):
+        prepare("msode-bspline", MsodeWeights=files["rigid"])
+    with pytest.raises(NotAvailableError, match="no trained MS-ODE bspline model is shipped"):
+        prepare("msode-hybrid")
+    not_a_model = tmp_path / "notes.pt"
+    not_a_model.write_text("not a model")
+    with pytest.raises(InvalidParameterError, match="is not an MS-ODE dense model file"):
+        prepare("msode-dense", MsodeWeights=str(not_a_model))
+    # and the file drives the registration: the tiny untrained B-spline model runs through compute
+    request = prepare("msode-bspline", MsodeWeights=files["bspline"], ComputeMaps=False)
+    result, _, _ = logic.compute(request)
+    assert result.method == "msode-bspline" and result.figures["nfe_total"] > 0
+

@@ -83,6 +83,24 @@ def test_bound_widgets_name_settings_or_node_roles_of_the_bridge_schema():
         assert (names[widget] in P.REFERENCE_ROLES) == (cls == "qMRMLNodeComboBox"), widget
 
 
+def test_path_fields_edit_settings_of_the_bridge_schema():
+    """The Widget binds its ctkPathLineEdit fields itself (PATH_SETTINGS): each is a path field of the .ui,
+    declared with its class, and edits a string setting of the parameter node."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "DeepMultimodalReg"))
+    try:
+        from DeepMultimodalRegMRML import parameters as P
+    finally:
+        sys.path.pop(0)
+    classes = {w.get("name"): w.get("class") for w in ET.parse(UI).getroot().iter("widget")}
+    paths = _module_constant("PATH_SETTINGS")
+    assert {"msodeWeightsPathLineEdit", "msodeRigidWeightsPathLineEdit"} <= set(paths)
+    for widget, setting in paths.items():
+        assert classes.get(widget) == _module_constant("ACTION_WIDGETS").get(widget) == "ctkPathLineEdit", widget
+        assert P.SETTINGS[setting].kind is str, setting
+
+
 _IMPORT_WITHOUT_TORCH = """
 import importlib.abc, importlib.util, sys, types
 

@@ -18,6 +18,7 @@ moving node is, when asked (the default), that it is placed under the result tra
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from DeepMultimodalRegLib.errors import InvalidImageError, InvalidParameterError
@@ -70,6 +71,32 @@ def _search_extra(settings: dict) -> dict:
     if settings["Method"].startswith("disa"):
         extra["refine"] = settings["Refine"]
     return extra
+
+
+def _msode_extra(settings: dict) -> dict:
+    """msode-*'s model files from the module's settings, in the runner's option names, each checked now
+    (missing file, wrong kind, no shipped model) so that a bad choice fails before any heavy work."""
+    from DeepMultimodalRegLib.errors import NotAvailableError
+    from DeepMultimodalRegLib.msode.runner import load_model
+
+    def check(kind: str, path: Optional[str]) -> None:
+        if path and not Path(path).is_file():
+            raise InvalidParameterError(f"MS-ODE model file {path!r} does not exist")
+        try:
+            load_model(kind, path)
+        except (NotAvailableError, InvalidParameterError):
+            raise
+        except Exception as error:  # a file torch cannot read as a state dict, or one of another network
+            raise InvalidParameterError(f"{path!r} is not an MS-ODE {kind} model file ({error})") from error
+
+    kind = settings["Method"].split("-", 1)[1]
+    model_file, rigid_file = settings["MsodeWeights"] or None, settings["MsodeRigidWeights"] or None
+    if kind == "hybrid":
+        check("rigid", rigid_file)
+        check("bspline", model_file)
+        return {k: v for k, v in (("weights_rigid", rigid_file), ("weights_deformable", model_file)) if v}
+    check(kind, model_file)
+    return {"weights": model_file} if model_file else {}
 
 
 def summarise(result: RegistrationResult) -> str:
@@ -126,10 +153,17 @@ class RegistrationLogic:
         options = RegistrationOptions(search=values["Search"], device=values["Device"], seed=values["Seed"],
                                       fixed_mask=optional_volume_from_node(fixed_mask_node, "fixed mask"),
                                       moving_mask=optional_volume_from_node(moving_mask_node, "moving mask"),
-                                      extra=_search_extra(values) if get_method(method).family in ("disa", "mind") else {})
+                                      extra=self._method_extra(method, values))
         return RegistrationRequest(method, fixed, moving, options, values, fixed_node.GetID(), moving_node.GetID(),
                                    output_transform_node.GetID() if output_transform_node else None,
                                    output_volume_node.GetID() if output_volume_node else None)
+
+    @staticmethod
+    def _method_extra(method: str, values: dict) -> dict:
+        family = get_method(method).family
+        if family in ("disa", "mind"):
+            return _search_extra(values)
+        return _msode_extra(values) if family == "msode" else {}
 
     # ---------------------------------------------------------------- phase 2: any thread
     def compute(self, request: RegistrationRequest, progress: Optional[Callable] = None,
