@@ -388,3 +388,32 @@ def test_mind_ssc_of_a_flat_image_survives_flushed_denormals():
     finally:
         torch.set_flush_denormal(False)
     assert torch.equal(constant, torch.ones_like(constant))
+
+
+@pytest.mark.parametrize("radius,stride,dtype", [(1, 1, torch.float32), (2, 1, torch.float64), (1, 2, torch.float32),
+                                                 (3, 3, torch.float32)])
+def test_box_mean_equals_separable_average_pooling_bit_for_bit(radius, stride, dtype):
+    """box_mean sums shifted views (faster on the CPU); its values and gradients must stay exactly what
+    replicate padding + three 1D ``avg_pool3d`` passes give, so no registration result moves."""
+    import torch.nn.functional as F
+
+    from DeepMultimodalRegLib.metrics.local_stats import box_mean
+
+    g = torch.Generator().manual_seed(radius * 10 + stride)
+    x = (100 * torch.rand(2, 3, 17, 11, 23, generator=g)).to(dtype)
+    weights = torch.rand(2, 3, 17, 11, 23, generator=g).to(dtype)
+    k = 2 * radius + 1
+
+    def pooled(v):
+        v = F.pad(v, (radius,) * 6, mode="replicate")
+        v = F.avg_pool3d(v, kernel_size=(k, 1, 1), stride=(stride, 1, 1))
+        v = F.avg_pool3d(v, kernel_size=(1, k, 1), stride=(1, stride, 1))
+        return F.avg_pool3d(v, kernel_size=(1, 1, k), stride=(1, 1, stride))
+
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ours, reference = box_mean(a, radius, stride), pooled(b)
+    assert ours.shape == reference.shape and torch.equal(ours, reference)
+    reduce = weights[:, :, ::stride, ::stride, ::stride]
+    grad_ours, = torch.autograd.grad((ours * reduce).sum(), a)
+    grad_reference, = torch.autograd.grad((reference * reduce).sum(), b)
+    assert torch.equal(grad_ours, grad_reference)

@@ -43,24 +43,32 @@ def box_mean(x: torch.Tensor, radius: int, stride: int = 1) -> torch.Tensor:
     """Mean over the cube of side ``2·radius+1`` around each voxel of ``x`` [N, C, D, H, W].
 
     Replicate padding at the borders; with ``stride`` s the output holds the voxels whose indices
-    are multiples of s (shape ⌈D/s⌉ × ⌈H/s⌉ × ⌈W/s⌉).  Separable: three 1D average pools.
+    are multiples of s (shape ⌈D/s⌉ × ⌈H/s⌉ × ⌈W/s⌉).  Separable: three 1D means.
     """
     if radius == 0:
         return x[:, :, ::stride, ::stride, ::stride]
-    k = 2 * radius + 1
-    x = F.pad(x, (radius,) * 6, mode="replicate")
-    x = F.avg_pool3d(x, kernel_size=(k, 1, 1), stride=(stride, 1, 1))
-    x = F.avg_pool3d(x, kernel_size=(1, k, 1), stride=(1, stride, 1))
-    return F.avg_pool3d(x, kernel_size=(1, 1, k), stride=(1, 1, stride))
+    return box_mean_valid(F.pad(x, (radius,) * 6, mode="replicate"), radius, stride)
 
 
 def box_mean_valid(x: torch.Tensor, radius: int, stride: int = 1) -> torch.Tensor:
     """Means over cubes of side 2r+1 at voxels r + stride·q of ``x`` [N, C, D, H, W], no padding
-    (for callers whose input already holds every cube).  Separable, three 1D average pools."""
+    (for callers whose input already holds every cube).  Separable, three 1D means.
+
+    Each 1D mean is a sum of 2r + 1 shifted views divided by 2r + 1: the same values, bit for bit,
+    as ``avg_pool3d`` with a (2r+1, 1, 1) kernel (forward and backward; Testing/test_lc2_mind.py), but
+    several times faster on the CPU, where that pooling kernel is slow along every axis: MIND-SSC of a
+    12-channel 64³ volume, forward and backward, 178 → 45 ms (2 threads).
+    """
     k = 2 * radius + 1
-    x = F.avg_pool3d(x, kernel_size=(k, 1, 1), stride=(stride, 1, 1))
-    x = F.avg_pool3d(x, kernel_size=(1, k, 1), stride=(1, stride, 1))
-    return F.avg_pool3d(x, kernel_size=(1, 1, k), stride=(1, 1, stride))
+    for dim in (2, 3, 4):
+        n = x.shape[dim] - k + 1
+        total = x.narrow(dim, 0, n)
+        for shift in range(1, k):
+            total = total + x.narrow(dim, shift, n)
+        if stride > 1:
+            total = total[(slice(None),) * dim + (slice(None, None, stride),)]
+        x = total / k
+    return x
 
 
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
