@@ -8,12 +8,15 @@ fixed space, then the rigid pose carries it into moving space.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from ..errors import InvalidParameterError
 from .base import Transform
+
+if TYPE_CHECKING:
+    from ..image.geometry import ImageGeometry
 
 
 class CompositeTransform(Transform):
@@ -44,7 +47,8 @@ class CompositeTransform(Transform):
     def transform_points(self, points: torch.Tensor, batched: bool = False) -> torch.Tensor:
         return self._carry_through(points, batched, list(reversed(self.transforms)))
 
-    def transform_grid(self, reference, z_range=None, dtype=None) -> torch.Tensor:
+    def transform_grid(self, reference: "ImageGeometry", z_range: tuple[int, int] | None = None,
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
         """The first-applied transform maps the grid its own (possibly faster) way; the rest carry the points on."""
         first = self.transforms[-1]
         mapped = first.transform_grid(reference, z_range, dtype or first.dtype)
