@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..image.geometry import ImageGeometry
-from ..transforms.bspline import cubic_bspline_weights
+from ..transforms.bspline import axis_weight_matrix
 from ..transforms.linear import RigidTransform, euler_zxy_matrix
 from ..transforms.sampling import sample_at_points
 
@@ -75,13 +75,7 @@ class BSplineBasis:
         for axis in range(3):
             n, g = level.size_xyz[axis], control.size_xyz[axis]
             index = float(to_control[axis, axis]) * torch.arange(n, dtype=torch.float64) + float(to_control[axis, 3])
-            base = (torch.floor(index).long() - 1).clamp(0, g - 4)
-            w = cubic_bspline_weights(index - (base + 1).to(index.dtype))
-            valid = (index >= 1) & (index <= g - 2)  # ITK's valid region: zero displacement outside
-            m = torch.zeros(n, g, dtype=torch.float64)
-            for k in range(4):
-                m[torch.arange(n), base + k] += w[:, k] * valid
-            self.matrices.append(m.to(device=device, dtype=dtype))
+            self.matrices.append(axis_weight_matrix(index, g).to(device=device, dtype=dtype))
 
     def __call__(self, coefficients: torch.Tensor) -> torch.Tensor:
         """[B, 3, gz, gy, gx] → displacement [B, 3, D, H, W] (mm, x/y/z components)."""

@@ -152,7 +152,7 @@ class BSplineTransform(DisplacementTransform):
             r = int(np.nonzero(along[axis])[0][0])  # the reference axis this control axis runs along
             lo, hi = counts[r]
             index = offset[axis] + m[axis, r] * torch.arange(lo, hi, dtype=torch.float64, device=c.device)
-            operands.append(_axis_weights(index, self.grid.size_xyz[axis]))
+            operands.append(axis_weight_matrix(index, self.grid.size_xyz[axis]))
             subscripts.append(letters_r[r] + letters_c[axis])
         u = torch.einsum(",".join(subscripts) + "->bZYXc", *operands)  # [B, d, H, W, 3]
         points = reference.physical_grid(device=c.device, dtype=torch.float64, z_range=(z0, z1))
@@ -162,9 +162,12 @@ class BSplineTransform(DisplacementTransform):
         return BSplineTransform(self.grid, tensor)
 
 
-def _axis_weights(index: torch.Tensor, size: int) -> torch.Tensor:
-    """[n, size] cubic B-spline weights of the control points along one axis at continuous control indices
-    ``index`` [n]; a zero row outside ITK's valid region (index < 1 or > size − 2), as :meth:`displacement`."""
+def axis_weight_matrix(index: torch.Tensor, size: int) -> torch.Tensor:
+    """[n, size] cubic B-spline weights of the ``size`` control points along one axis at continuous control
+    indices ``index`` [n]; a zero row outside ITK's valid region (index < 1 or > size − 2), as
+    :meth:`BSplineTransform.displacement`.  A displacement on a grid whose axes run along the control
+    grid's is then three products with these matrices (:meth:`BSplineTransform.transform_grid`, MS-ODE's
+    ``BSplineBasis``)."""
     base = (torch.floor(index).long() - 1).clamp(0, size - 4)
     weights = cubic_bspline_weights(index - (base + 1).to(index.dtype))  # [n, 4]
     weights = weights * ((index >= 1) & (index <= size - 2)).to(weights.dtype)[:, None]
