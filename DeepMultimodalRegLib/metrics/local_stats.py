@@ -56,8 +56,8 @@ def box_mean_valid(x: torch.Tensor, radius: int, stride: int = 1) -> torch.Tenso
 
     Each 1D mean is a sum of 2r + 1 shifted views divided by 2r + 1: the same values, bit for bit,
     as ``avg_pool3d`` with a (2r+1, 1, 1) kernel (forward and backward; Testing/test_lc2_mind.py), but
-    several times faster on the CPU, where that pooling kernel is slow along every axis: MIND-SSC of a
-    12-channel 64³ volume, forward and backward, 178 → 45 ms (2 threads).
+    several times faster on the CPU, where that pooling kernel is slow along every axis (12 × 64³, 2 threads:
+    6.6× forward, 2.9× forward and backward; benchmarks/kernel_speedups.py, docs/benchmarks.md).
     """
     k = 2 * radius + 1
     for dim in (2, 3, 4):
