@@ -18,7 +18,6 @@ moving node is, when asked (the default), that it is placed under the result tra
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 from DeepMultimodalRegLib.errors import InvalidImageError, InvalidParameterError
@@ -74,29 +73,20 @@ def _search_extra(settings: dict) -> dict:
 
 
 def _msode_extra(settings: dict) -> dict:
-    """msode-*'s model files from the module's settings, in the runner's option names, each checked now
-    (missing file, wrong kind, no shipped model) so that a bad choice fails before any heavy work."""
-    from DeepMultimodalRegLib.errors import NotAvailableError
-    from DeepMultimodalRegLib.msode.runner import load_model
-
-    def check(kind: str, path: Optional[str]) -> None:
-        if path and not Path(path).is_file():
-            raise InvalidParameterError(f"MS-ODE model file {path!r} does not exist")
-        try:
-            load_model(kind, path)
-        except (NotAvailableError, InvalidParameterError):
-            raise
-        except Exception as error:  # a file torch cannot read as a state dict, or one of another network
-            raise InvalidParameterError(f"{path!r} is not an MS-ODE {kind} model file ({error})") from error
+    """msode-*'s model files from the module's settings, in the runner's option names, loaded once now by
+    the runner's own :func:`stage_models` so that a bad choice (missing or unreadable file, wrong kind, no
+    shipped model) fails before any volume is copied."""
+    from DeepMultimodalRegLib.msode.runner import stage_models
 
     kind = settings["Method"].split("-", 1)[1]
     model_file, rigid_file = settings["MsodeWeights"] or None, settings["MsodeRigidWeights"] or None
     if kind == "hybrid":
-        check("rigid", rigid_file)
-        check("bspline", model_file)
-        return {k: v for k, v in (("weights_rigid", rigid_file), ("weights_deformable", model_file)) if v}
-    check(kind, model_file)
-    return {"weights": model_file} if model_file else {}
+        extra = {"weights_rigid": rigid_file, "weights_deformable": model_file}
+    else:
+        extra = {"weights": model_file}
+    extra = {k: v for k, v in extra.items() if v}
+    stage_models(kind, extra)
+    return extra
 
 
 def summarise(result: RegistrationResult) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -44,9 +45,17 @@ SHIPPED = {"rigid": "msode_rigid", "bspline": "msode_bspline", "dense": "msode_d
 
 
 def load_model(kind: str, weights: Optional[str] = None, device="cpu") -> MSODE:
-    """A trained model: from ``weights`` (a state_dict file) or the shipped ``msode_<kind>``."""
+    """A trained model: from ``weights`` (a state_dict file) or the shipped ``msode_<kind>``.
+
+    A missing file, a file that is no MS-ODE state dict, a model of another kind and a kind with no
+    shipped model (when ``weights`` is empty) are refused with a message naming what is wrong."""
     if weights:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        if not Path(weights).is_file():
+            raise InvalidParameterError(f"MS-ODE model file {str(weights)!r} does not exist")
+        try:
+            model = MSODE.from_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        except Exception as error:  # not a torch file, not a state dict, or one of another network
+            raise InvalidParameterError(f"{str(weights)!r} is not an MS-ODE {kind} model file ({error})") from error
     else:
         from ..weights.manifest import load_manifest, load_state_dict
 
@@ -55,11 +64,26 @@ def load_model(kind: str, weights: Optional[str] = None, device="cpu") -> MSODE:
             raise NotAvailableError(
                 f"no trained MS-ODE {kind} model is shipped in this version; train one with "
                 f"`deepmmreg train msode --kind {kind} -o DIR` and pass its weights")
-        state = load_state_dict(name)
-    model = MSODE.from_state_dict(state)
+        model = MSODE.from_state_dict(load_state_dict(name))
     if model.config.kind != kind:
         raise NotAvailableError(f"the weights hold an MS-ODE {model.config.kind} model, a {kind} model is needed")
     return model.to(device).eval()
+
+
+def stage_models(kind: str, extra: dict, device="cpu") -> tuple[Optional[MSODE], Optional[MSODE]]:
+    """(rigid model, deformable model) of ``msode-<kind>``, None for a stage the method does not have.
+
+    ``extra["weights"]`` is msode-rigid's model, or the deformable stage's for the other kinds (the
+    CLI's --weights); ``weights_rigid`` / ``weights_deformable`` name a stage explicitly (msode-hybrid's
+    rigid stage defaults to the shipped msode_rigid)."""
+    rigid = deformable = None
+    if kind in ("rigid", "hybrid"):
+        rigid = load_model("rigid", extra.get("weights_rigid") or (extra.get("weights") if kind == "rigid" else None),
+                           device)
+    if kind != "rigid":
+        deform_kind = "bspline" if kind in ("bspline", "hybrid") else "dense"
+        deformable = load_model(deform_kind, extra.get("weights_deformable") or extra.get("weights"), device)
+    return rigid, deformable
 
 
 def _reusable_pair(pairs: PairBatch, prepared_for: MSODE, model: MSODE) -> Optional[PairBatch]:
@@ -139,13 +163,7 @@ def run_msode(kind: str, fixed: Volume, moving: Volume, options: RegistrationOpt
     scope = ProgressScope(options.progress, cancel=options.cancel)
     extra = options.extra
     history, figures = [], {"similarity": "mind-ssc (working grid)", "device": str(device)}
-    if kind in ("rigid", "hybrid"):
-        rigid_model = load_model("rigid", extra.get("weights_rigid") or (extra.get("weights") if kind == "rigid" else None), device)
-    if kind != "rigid":
-        deform_kind = "bspline" if kind in ("bspline", "hybrid") else "dense"
-        # msode-hybrid: ``weights`` (the CLI's --weights) names the deformable stage's model; the rigid
-        # stage uses ``weights_rigid`` or the shipped msode_rigid
-        deform_model = load_model(deform_kind, extra.get("weights_deformable") or extra.get("weights"), device)
+    rigid_model, deform_model = stage_models(kind, extra, device)
     scope(0.0, "preparing images")
 
     transform = None
