@@ -213,3 +213,31 @@ def test_bspline_descent_is_the_scaled_negative_gradient_and_the_untrained_field
         torch.testing.assert_close(field(torch.tensor(1.5, dtype=torch.float64), theta), descent)
     with pytest.raises(InvalidParameterError, match="descent"):
         model.fields[-1](torch.zeros(1, 2, 16, 16, 16, dtype=torch.float64), torch.tensor(0.0), (7, 7, 7))
+
+
+def test_a_silent_bspline_body_is_skipped_with_the_same_result_and_a_trained_one_is_not(monkeypatch):
+    """An untrained flow's body adds exactly 0, so registration skips its pass (and its input stack);
+    the field's value must be what the full pass gives, bit for bit, and any non-zero output layer runs."""
+    from DeepMultimodalRegLib.msode.networks import BSplineField
+
+    config = MSODEConfig(kind="bspline", levels=2, size=16, spacing_mm=10.0, width=8, mesh=4,
+                         gradient_input=True, descent_rate=2e6)
+    batch = make_batch([phantom_anatomy()], "bspline", 1, 2, MotionSettings(0.0, 0.0, 8.0, 4),
+                       torch.Generator().manual_seed(6), real_t1_probability=0.0)
+    model = MSODE(config)
+    field = model.level_fields(batch.pairs)[-1]
+    theta = torch.randn(1, 3, *model.control_grid(batch.pairs.fixed_geometries[-1]).shape,
+                        generator=torch.Generator().manual_seed(1)) * 2.0
+    t = torch.tensor(1.2)
+    assert model.fields[-1].body_is_silent
+    with torch.no_grad():
+        skipped = field(t, theta)
+        monkeypatch.setattr(BSplineField, "body_is_silent", property(lambda self: False))
+        full = field(t, theta)
+    assert torch.equal(skipped, full)
+    monkeypatch.undo()
+    with torch.no_grad():
+        model.fields[-1].body[-1].bias[0] = 1e-3
+    assert not model.fields[-1].body_is_silent
+    with torch.no_grad():
+        assert not torch.equal(field(t, theta), skipped)

@@ -194,6 +194,9 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave glibc's allocator as it is (by default freed memory is kept for reuse, as the "
+                        "deepmmreg program does; DeepMultimodalRegLib/heap_reuse.py)")
     p.add_argument("--rotation-deg", default="75,25",
                    help="rigid motion: comma-separated rotation ranges U(±r) per axis, each with --cases cases per "
                         "pair (75: the paper's test; 25: the range the shipped CPU-sized model was trained on)")
@@ -212,6 +215,10 @@ def main(argv=None) -> int:
         records = [r for path in args.table for r in json.loads(path.read_text(encoding="utf-8"))["records"]]
         print(table(records, list(dict.fromkeys(r["method"] for r in records))))
         return 0
+    from DeepMultimodalRegLib.heap_reuse import reuse_freed_memory
+
+    # as `deepmmreg` does when run as a program; every method of the run (the peers too) shares the setting
+    heap_reuse = False if args.system_malloc else reuse_freed_memory()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(args.threads))  # ANTs' ITK, read once
     if args.methods:
@@ -270,7 +277,7 @@ def main(argv=None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             tmp = args.out.with_suffix(".tmp")
             tmp.write_text(json.dumps({"date": run_date, "cases_per_pair": args.cases, "motions": motions,
-                                       "records": records}, indent=1), encoding="utf-8")
+                                       "heap_reuse": heap_reuse, "records": records}, indent=1), encoding="utf-8")
             tmp.replace(args.out)
     print(table(records, list(dict.fromkeys(r["method"] for r in records))))
     return 0

@@ -71,6 +71,43 @@ def box_mean_valid(x: torch.Tensor, radius: int, stride: int = 1) -> torch.Tenso
     return x
 
 
+def box_mean_adjoint(grad: torch.Tensor, radius: int) -> torch.Tensor:
+    """The transpose of :func:`box_mean` (stride 1) applied to ``grad`` [N, C, D, H, W]: the gradient
+    of ⟨box_mean(x, radius), grad⟩ with respect to x, replicate padding included.
+
+    For hand-written backward passes (MIND-SSC's): one zero-filled buffer per axis with 2r + 1 in-place
+    adds, where autograd fills a full-size buffer for every shifted view."""
+    if radius == 0:
+        return grad
+    k = 2 * radius + 1
+    g = grad
+    for dim in (4, 3, 2):  # box_mean_valid's axes in reverse
+        n = g.shape[dim]
+        shape = list(g.shape)
+        shape[dim] = n + k - 1
+        spread = g.new_zeros(shape)
+        g = g / k
+        for shift in range(k):
+            spread.narrow(dim, shift, n).add_(g)
+        g = spread
+    return fold_replicate_padding(g, radius)
+
+
+def fold_replicate_padding(grad: torch.Tensor, pad: int) -> torch.Tensor:
+    """The transpose of ``F.pad(x, (pad,) * 6, mode="replicate")`` on [N, C, D, H, W]: the gradient of
+    each padding voxel is added to the edge voxel it copied (replicate padding is separable, so axis by axis)."""
+    if pad == 0:
+        return grad
+    g = grad
+    for dim in (2, 3, 4):
+        n = g.shape[dim] - 2 * pad
+        inner = g.narrow(dim, pad, n).clone()
+        inner.narrow(dim, 0, 1).add_(g.narrow(dim, 0, pad).sum(dim, keepdim=True))
+        inner.narrow(dim, n - 1, 1).add_(g.narrow(dim, pad + n, pad).sum(dim, keepdim=True))
+        g = inner
+    return g
+
+
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     """√x for x ≥ 0 with a finite gradient (0) where x = 0."""
     positive = x > 0

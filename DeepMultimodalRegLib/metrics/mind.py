@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidImageError
-from .local_stats import as_5d, box_mean, check_radius
+from .local_stats import as_5d, box_mean, box_mean_adjoint, check_radius, fold_replicate_padding
 
 #: the 12 pairs (p, q) of six-neighbourhood offsets (dz, dy, dx) compared by the MIND-SSC channels
 MIND_SSC_PAIRS = (
@@ -68,25 +68,101 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         raise InvalidImageError("the image for MIND-SSC has NaN or Inf voxels; replace them before computing "
                                 "descriptors")
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _MindSSC.apply(x, radius, dilation)
+    return _mind_parts(x, radius, dilation)[0]
+
+
+def _pair_views(padded: torch.Tensor, dilation: int, shape) -> dict:
+    """The six neighbours I(x + d·o) of every voxel, as views of the replicate-padded image."""
     d = dilation
-    depth, height, width = x.shape[-3:]
-    padded = F.pad(x, (d,) * 6, mode="replicate")
+    depth, height, width = shape
 
     def shifted(offset):
         oz, oy, ox = (d + d * o for o in offset)
         return padded[:, :, oz:oz + depth, oy:oy + height, ox:ox + width]
 
-    shifts = {o: shifted(o) for pair in MIND_SSC_PAIRS for o in pair}  # the six neighbours
+    return {o: shifted(o) for pair in MIND_SSC_PAIRS for o in pair}
+
+
+def _mind_parts(x: torch.Tensor, radius: int, dilation: int):
+    """The descriptor of [B, 1, D, H, W] ``x`` and what its analytic backward needs.
+
+    Plain torch operations, so autograd can differentiate this too (Testing/test_lc2_mind.py checks
+    :class:`_MindSSC`'s backward against that)."""
+    padded = F.pad(x, (dilation,) * 6, mode="replicate")
+    shifts = _pair_views(padded, dilation, x.shape[-3:])
     sq = torch.cat([(shifts[p] - shifts[q]) ** 2 for p, q in MIND_SSC_PAIRS], dim=1)  # 12 pairs, not voxels
     dist = box_mean(sq, radius)
-    dist = dist - dist.min(dim=1, keepdim=True)[0]
-    var = dist.mean(dim=1, keepdim=True)
-    m = var.mean(dim=(2, 3, 4), keepdim=True).clamp_min(torch.finfo(var.dtype).tiny)
-    var = torch.maximum(torch.minimum(var, MIND_VARIANCE_CLAMP[1] * m), MIND_VARIANCE_CLAMP[0] * m)
+    nearest, nearest_channel = dist.min(dim=1, keepdim=True)
+    dist = dist - nearest
+    var0 = dist.mean(dim=1, keepdim=True)
+    mean_var = var0.mean(dim=(2, 3, 4), keepdim=True)
+    m = mean_var.clamp_min(torch.finfo(var0.dtype).tiny)
+    var = torch.maximum(torch.minimum(var0, MIND_VARIANCE_CLAMP[1] * m), MIND_VARIANCE_CLAMP[0] * m)
     # a flat image gives var = a fraction of the smallest normal float, a denormal that becomes 0 once
     # denormals are flushed (the deep session's optimiser turns that on process-wide): keep it normal
     var = var.clamp_min(torch.finfo(var.dtype).tiny)
-    return torch.exp(-dist / var)
+    return torch.exp(-dist / var), (padded, dist, nearest_channel, var0, mean_var, var)
+
+
+def _tie_split(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The share of ∂min(a, b) that goes to ``a`` (autograd's rule: all where a < b, half at ties)."""
+    return (a < b).to(a.dtype) + 0.5 * (a == b).to(a.dtype)
+
+
+class _MindSSC(torch.autograd.Function):
+    """MIND-SSC with a hand-written backward pass.
+
+    Why: autograd's backward of the descriptor (shifted views, box means, the per-voxel minimum and
+    the clamped variance) costs ~3x the forward on the CPU, most of it in zero-filled full-size
+    gradients of every slice.  MS-ODE asks for this gradient at every ODE step (the descent input).
+    The forward is :func:`_mind_parts`, unchanged; the backward follows its chain rule term by term,
+    autograd's conventions at ties included, and matches autograd to float rounding (tested)."""
+
+    @staticmethod
+    def forward(ctx, x, radius, dilation):
+        out, (padded, dist, nearest_channel, var0, mean_var, var) = _mind_parts(x, radius, dilation)
+        ctx.radius, ctx.dilation = radius, dilation
+        ctx.save_for_backward(out, padded, dist, nearest_channel, var0, mean_var, var)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        out, padded, dist, nearest_channel, var0, mean_var, var = ctx.saved_tensors
+        tiny = torch.finfo(var.dtype).tiny
+        low, high = MIND_VARIANCE_CLAMP
+        m = mean_var.clamp_min(tiny)
+        # out = exp(−dist / var)
+        a = grad_out * out
+        g_dist = -a / var
+        g_var = (a * dist).sum(dim=1, keepdim=True) / (var * var)
+        # var = clamp_min(max(min(var0, high·m), low·m), tiny)
+        upper = torch.minimum(var0, high * m)
+        lower_bounded = torch.maximum(upper, low * m)
+        g_var = g_var * (lower_bounded >= tiny).to(g_var.dtype)
+        g_upper = g_var * _tie_split(low * m, upper)  # max(upper, low·m) → upper where upper > low·m
+        g_m = low * (g_var - g_upper).sum(dim=(2, 3, 4), keepdim=True)
+        g_var0 = g_upper * _tie_split(var0, high * m)
+        g_m = g_m + high * (g_upper - g_var0).sum(dim=(2, 3, 4), keepdim=True)
+        # m = clamp_min(mean(var0), tiny); var0 = mean over channels of dist
+        g_var0 = g_var0 + g_m * (mean_var >= tiny).to(g_m.dtype) / var0[0, 0].numel()
+        g_dist = g_dist + g_var0 / len(MIND_SSC_PAIRS)
+        # dist = raw − min over channels (the gradient of min goes to the channel it returned)
+        g_raw = g_dist.scatter_add(1, nearest_channel, -g_dist.sum(dim=1, keepdim=True))
+        g_sq = box_mean_adjoint(g_raw, ctx.radius)
+        # sq_c = (I(x + d·p) − I(x + d·q))², each neighbour a view of the padded image
+        g_padded = torch.zeros_like(padded)
+        shifts = _pair_views(padded, ctx.dilation, out.shape[-3:])
+        g_shifts = _pair_views(g_padded, ctx.dilation, out.shape[-3:])
+        for c, (p, q) in enumerate(MIND_SSC_PAIRS):
+            diff = shifts[p] - shifts[q]
+            # 2·diff is the derivative; where it is 0 the term is 0 even if g_sq overflowed (a flat image's
+            # variance floor is the smallest float), which autograd would turn into 0·inf = NaN
+            g_diff = torch.where(diff == 0, 0.0, 2 * diff * g_sq[:, c:c + 1])
+            g_shifts[p].add_(g_diff)
+            g_shifts[q].sub_(g_diff)
+        return fold_replicate_padding(g_padded, ctx.dilation), None, None
 
 
 def mind_ssd(desc_a: torch.Tensor, desc_b: torch.Tensor, mask: torch.Tensor | None = None,

@@ -112,6 +112,17 @@ class BSplineField(nn.Module):
         if gradient_input:
             self.log_gain = nn.Parameter(torch.zeros(1))
 
+    @property
+    def body_is_silent(self) -> bool:
+        """True when the body's output layer is all zero (an untrained gradient flow, training/msode_flow.py):
+        the body then adds exactly 0 to the descent term, so a caller may skip building its inputs."""
+        last = self.body[-1]
+        return self.gradient_input and not bool(last.weight.any()) and not bool(last.bias.any())
+
+    def descent_term(self, descent: torch.Tensor) -> torch.Tensor:
+        """The gated descent, what :meth:`forward` adds to the body's output."""
+        return torch.exp(self.log_gain.clamp(-6.0, 3.0)) * descent
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, control_shape: tuple[int, int, int],
                 descent: torch.Tensor | None = None) -> torch.Tensor:
         tt = t.to(x.dtype).expand(x.shape[0], 1, *x.shape[2:])
@@ -122,7 +133,7 @@ class BSplineField(nn.Module):
         squashed = F.interpolate(torch.tanh(descent / self.scale), size=x.shape[2:], mode="trilinear",
                                  align_corners=True)
         learned = F.adaptive_avg_pool3d(self.body(torch.cat([x, tt, squashed], 1)), control_shape) * self.scale
-        return learned + torch.exp(self.log_gain.clamp(-6.0, 3.0)) * descent
+        return learned + self.descent_term(descent)
 
 
 class DenseField(nn.Module):
