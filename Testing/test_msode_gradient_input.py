@@ -241,3 +241,23 @@ def test_a_silent_bspline_body_is_skipped_with_the_same_result_and_a_trained_one
     assert not model.fields[-1].body_is_silent
     with torch.no_grad():
         assert not torch.equal(field(t, theta), skipped)
+
+
+def test_the_shipped_rigid_models_gradient_flow_level_is_skipped_with_the_same_result(kirby21_pair, monkeypatch):
+    """The shipped rigid model's finest level is an untrained gradient flow (silent), its learned levels are
+    not; skipping the silent level's network gives the full pass's value bit for bit."""
+    from DeepMultimodalRegLib.msode.networks import RigidField
+    from DeepMultimodalRegLib.msode.runner import load_model, prepare_pair
+
+    fixed, moving = kirby21_pair[:2]
+    model = load_model("rigid")
+    assert [f.body_is_silent for f in model.fields] == [False] * (model.config.levels - 1) + [True]
+    pairs = prepare_pair(fixed, moving, model, "cpu")
+    field = model.level_field(pairs, model.config.levels - 1)
+    theta = torch.tensor([[0.05, -0.03, 0.02, 3.0, -2.0, 1.0]])
+    t = torch.tensor(3.4)
+    with torch.no_grad():
+        skipped = field(t, theta)
+        monkeypatch.setattr(RigidField, "body_is_silent", property(lambda self: False))
+        full = field(t, theta)
+    assert torch.equal(skipped, full) and float(skipped.abs().max()) > 0

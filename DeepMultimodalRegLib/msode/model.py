@@ -155,8 +155,9 @@ class LevelField(nn.Module):
             # registration: the slope's warp and MIND-SSC are the network's inputs too (same θ),
             # so they are computed once; training needs inputs that carry θ's graph, below
             descent, warped, warped_mind = self._descent_with_warp(theta)
-            if self.kind == "bspline" and self.network.body_is_silent:
-                # a zero output layer: the body's 64³ pass would add exactly 0 (same result, less time)
+            if self.network.body_is_silent:
+                # zero output layers (an untrained gradient-flow level): the network's pass would add
+                # exactly 0 to the gated descent (same result, less time)
                 return self.network.descent_term(descent)
             return self._network(build_inputs(warped, self.fixed, self.inputs, self.fixed_mind, warped_mind), t, descent)
         x = build_inputs(self.warp(theta), self.fixed, self.inputs, self.fixed_mind)

@@ -75,6 +75,18 @@ class RigidField(nn.Module):
             nn.init.zeros_(self.gain_head.weight)
             nn.init.zeros_(self.gain_head.bias)
 
+    @property
+    def body_is_silent(self) -> bool:
+        """True when the learned rate and the gain's modulation are both zero (an untrained gradient-flow
+        level, as the shipped model's finest one): the field is then the gated descent alone, whatever the
+        images, so a caller may skip the convolutions and their input stack."""
+        return (self.gradient_input and not bool(self.head[-1].weight.any()) and not bool(self.head[-1].bias.any())
+                and not bool(self.gain_head.weight.any()))
+
+    def descent_term(self, descent: torch.Tensor) -> torch.Tensor:
+        """The field of a silent body (:attr:`body_is_silent`): the gain is exp(bias) then."""
+        return torch.exp(self.gain_head.bias.clamp(-6.0, 3.0)).repeat_interleave(3) * descent
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, descent: torch.Tensor | None = None) -> torch.Tensor:
         h = F.adaptive_avg_pool3d(self.features(x), self.pooled).flatten(1)
         tt = t.to(h.dtype).reshape(1, 1).expand(h.shape[0], 1)
@@ -120,7 +132,7 @@ class BSplineField(nn.Module):
         return self.gradient_input and not bool(last.weight.any()) and not bool(last.bias.any())
 
     def descent_term(self, descent: torch.Tensor) -> torch.Tensor:
-        """The gated descent, what :meth:`forward` adds to the body's output."""
+        """The gated descent, what :meth:`forward` adds to the body's output (all of it when the body is silent)."""
         return torch.exp(self.log_gain.clamp(-6.0, 3.0)) * descent
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, control_shape: tuple[int, int, int],
