@@ -458,17 +458,17 @@ def test_mind_ssc_backward_passes_gradcheck_and_a_flat_image_gets_zero_not_nan()
     assert torch.equal(grad, torch.zeros_like(grad))  # autograd's own chain gives 0·inf = NaN here
 
 
-@pytest.mark.parametrize("radius", [1, 2])
-def test_box_mean_adjoint_and_padding_fold_are_the_transposes_autograd_finds(radius):
+@pytest.mark.parametrize("radius,shape", [(1, (2, 3, 7, 9, 6)), (2, (2, 3, 7, 9, 6)), (3, (1, 2, 2, 1, 5))])
+def test_box_mean_adjoint_and_padding_fold_are_the_transposes_autograd_finds(radius, shape):
     import torch.nn.functional as F
 
     from DeepMultimodalRegLib.metrics.local_stats import box_mean, box_mean_adjoint, fold_replicate_padding
 
     g = torch.Generator().manual_seed(radius)
-    x = torch.rand(2, 3, 7, 9, 6, generator=g, dtype=torch.float64).requires_grad_(True)
-    w = torch.rand(2, 3, 7, 9, 6, generator=g, dtype=torch.float64)
-    (expected,) = torch.autograd.grad((box_mean(x, radius) * w).sum(), x)
+    x = torch.rand(*shape, generator=g, dtype=torch.float64).requires_grad_(True)
+    w = torch.rand(*shape, generator=g, dtype=torch.float64)
+    (expected,) = torch.autograd.grad((box_mean(x, radius) * w).sum(), x)  # axes shorter than the radius too
     assert torch.allclose(box_mean_adjoint(w, radius), expected, rtol=1e-12, atol=1e-15)
-    wp = torch.rand(2, 3, 7 + 2 * radius, 9 + 2 * radius, 6 + 2 * radius, generator=g, dtype=torch.float64)
+    wp = torch.rand(*shape[:2], *(n + 2 * radius for n in shape[2:]), generator=g, dtype=torch.float64)
     (expected,) = torch.autograd.grad((F.pad(x, (radius,) * 6, mode="replicate") * wp).sum(), x)
     assert torch.allclose(fold_replicate_padding(wp, radius), expected, rtol=1e-12, atol=1e-15)

@@ -75,22 +75,27 @@ def box_mean_adjoint(grad: torch.Tensor, radius: int) -> torch.Tensor:
     """The transpose of :func:`box_mean` (stride 1) applied to ``grad`` [N, C, D, H, W]: the gradient
     of ⟨box_mean(x, radius), grad⟩ with respect to x, replicate padding included.
 
-    For hand-written backward passes (MIND-SSC's): one zero-filled buffer per axis with 2r + 1 in-place
-    adds, where autograd fills a full-size buffer for every shifted view."""
+    For hand-written backward passes (MIND-SSC's).  Per axis: a box sum of ``grad`` with zero padding
+    (what the interior receives), then on the r edge slices at each end the share of the padding voxels
+    that replicate them: a padding voxel q < 0 copies voxel 0 and reaches the grad of voxels 0 … q + r,
+    so voxel 0 gains Σ_{i<r} (r − i)·grad[i] (mirrored at the far end).  About half the memory passes of
+    a zero-filled full-size buffer per shifted view, which autograd uses."""
     if radius == 0:
         return grad
     k = 2 * radius + 1
-    g = grad
-    for dim in (4, 3, 2):  # box_mean_valid's axes in reverse
+    g = grad / k ** 3
+    for dim in (2, 3, 4):
         n = g.shape[dim]
-        shape = list(g.shape)
-        shape[dim] = n + k - 1
-        spread = g.new_zeros(shape)
-        g = g / k
-        for shift in range(k):
-            spread.narrow(dim, shift, n).add_(g)
-        g = spread
-    return fold_replicate_padding(g, radius)
+        pad = [0, 0] * (4 - dim) + [radius, radius]
+        padded = F.pad(g, pad)
+        total = padded.narrow(dim, 0, n) + padded.narrow(dim, 1, n)
+        for shift in range(2, k):
+            total.add_(padded.narrow(dim, shift, n))
+        for i in range(min(radius, n)):
+            total.narrow(dim, 0, 1).add_(g.narrow(dim, i, 1), alpha=radius - i)
+            total.narrow(dim, n - 1, 1).add_(g.narrow(dim, n - 1 - i, 1), alpha=radius - i)
+        g = total
+    return g
 
 
 def fold_replicate_padding(grad: torch.Tensor, pad: int) -> torch.Tensor:

@@ -135,7 +135,6 @@ class _MindSSC(torch.autograd.Function):
         m = mean_var.clamp_min(tiny)
         # out = exp(−dist / var)
         a = grad_out * out
-        g_dist = -a / var
         g_var = (a * dist).sum(dim=1, keepdim=True) / (var * var)
         # var = clamp_min(max(min(var0, high·m), low·m), tiny)
         upper = torch.minimum(var0, high * m)
@@ -147,19 +146,23 @@ class _MindSSC(torch.autograd.Function):
         g_m = g_m + high * (g_upper - g_var0).sum(dim=(2, 3, 4), keepdim=True)
         # m = clamp_min(mean(var0), tiny); var0 = mean over channels of dist
         g_var0 = g_var0 + g_m * (mean_var >= tiny).to(g_m.dtype) / var0[0, 0].numel()
-        g_dist = g_dist + g_var0 / len(MIND_SSC_PAIRS)
+        g_dist = torch.addcdiv(g_var0 / len(MIND_SSC_PAIRS), a, var, value=-1)  # −a/var + ∂var0/∂dist terms
         # dist = raw − min over channels (the gradient of min goes to the channel it returned)
-        g_raw = g_dist.scatter_add(1, nearest_channel, -g_dist.sum(dim=1, keepdim=True))
-        g_sq = box_mean_adjoint(g_raw, ctx.radius)
-        # sq_c = (I(x + d·p) − I(x + d·q))², each neighbour a view of the padded image
+        g_dist.scatter_add_(1, nearest_channel, -g_dist.sum(dim=1, keepdim=True))
+        g_sq = box_mean_adjoint(g_dist, ctx.radius)
+        # sq_c = (I(x + d·p) − I(x + d·q))², each neighbour a view of the padded image.  Where the pair's
+        # difference is 0 its term is 0 even if g_sq overflowed (a flat image's variance floor is the smallest
+        # float), which autograd's chain would turn into 0·inf = NaN
+        guard = not bool(torch.isfinite(g_sq).all())
+        g_sq = g_sq * 2
         g_padded = torch.zeros_like(padded)
         shifts = _pair_views(padded, ctx.dilation, out.shape[-3:])
         g_shifts = _pair_views(g_padded, ctx.dilation, out.shape[-3:])
         for c, (p, q) in enumerate(MIND_SSC_PAIRS):
             diff = shifts[p] - shifts[q]
-            # 2·diff is the derivative; where it is 0 the term is 0 even if g_sq overflowed (a flat image's
-            # variance floor is the smallest float), which autograd would turn into 0·inf = NaN
-            g_diff = torch.where(diff == 0, 0.0, 2 * diff * g_sq[:, c:c + 1])
+            g_diff = diff * g_sq[:, c:c + 1]
+            if guard:
+                g_diff = torch.where(diff == 0, 0.0, g_diff)
             g_shifts[p].add_(g_diff)
             g_shifts[q].sub_(g_diff)
         return fold_replicate_padding(g_padded, ctx.dilation), None, None

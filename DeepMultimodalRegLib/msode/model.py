@@ -9,7 +9,7 @@ file loads with ``weights_only=True`` and still knows its own grid, levels and s
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -102,7 +102,8 @@ class LevelField(nn.Module):
     def __init__(self, network: nn.Module, kind: str, inputs: str, fixed: torch.Tensor, moving: torch.Tensor,
                  fixed_geometry: ImageGeometry, moving_geometry: ImageGeometry, c_fixed: torch.Tensor,
                  c_moving: torch.Tensor, pre: Optional[torch.Tensor] = None, basis: Optional[BSplineBasis] = None,
-                 control_shape: Optional[tuple] = None, descent_preconditioner: Optional[torch.Tensor] = None):
+                 control_shape: Optional[tuple] = None, descent_preconditioner: Optional[torch.Tensor] = None,
+                 fixed_mind: Optional[torch.Tensor] = None):
         super().__init__()
         #: P of the descent input (rigid models with ``gradient_input``), None otherwise
         self.descent_preconditioner = descent_preconditioner
@@ -114,7 +115,9 @@ class LevelField(nn.Module):
         self.c_fixed, self.c_moving, self.pre = c_fixed, c_moving, pre
         self.basis, self.control_shape = basis, control_shape
         wants_mind = inputs != "image" or descent_preconditioner is not None
-        self.fixed_mind = mind_ssc(fixed, radius=1, dilation=1) if wants_mind else None
+        if fixed_mind is None and wants_mind:
+            fixed_mind = mind_ssc(fixed, radius=1, dilation=1)
+        self.fixed_mind = fixed_mind
 
     def displacement(self, theta: torch.Tensor) -> torch.Tensor:
         return self.basis(theta) if self.kind == "bspline" else theta
@@ -179,6 +182,16 @@ class PairBatch:
     moving_geometries: list[ImageGeometry]
     c_fixed: torch.Tensor  # [B, 3]
     c_moving: torch.Tensor
+    #: the fixed images' MIND-SSC per level, filled by :meth:`fixed_mind` (shared with :meth:`finest`'s batch)
+    fixed_minds: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def fixed_mind(self, level: int) -> torch.Tensor:
+        """MIND-SSC (r = 1, d = 1) of the fixed images on pyramid level ``level``, computed once per batch:
+        a hybrid's two stages and a global search's final check all need the 64³ one."""
+        image = self.fixed[level]
+        if id(image) not in self.fixed_minds:
+            self.fixed_minds[id(image)] = (image, mind_ssc(image, radius=1, dilation=1))
+        return self.fixed_minds[id(image)][1]
 
     @property
     def batch(self) -> int:
@@ -196,7 +209,7 @@ class PairBatch:
         if not 1 <= levels <= len(self.fixed):
             raise ValueError(f"cannot keep {levels} of {len(self.fixed)} pyramid levels")
         return PairBatch(self.fixed[-levels:], self.moving[-levels:], self.fixed_geometries[-levels:],
-                         self.moving_geometries[-levels:], self.c_fixed, self.c_moving)
+                         self.moving_geometries[-levels:], self.c_fixed, self.c_moving, self.fixed_minds)
 
 
 class MSODE(nn.Module):
@@ -259,7 +272,8 @@ class MSODE(nn.Module):
         return LevelField(self.fields[level], c.kind, c.inputs, pairs.fixed[level], pairs.moving[level],
                           geometry, pairs.moving_geometries[level], pairs.c_fixed, pairs.c_moving, pre,
                           basis, control.shape if control is not None else None,
-                          c.descent_preconditioner() if c.gradient_input else None)
+                          c.descent_preconditioner() if c.gradient_input else None,
+                          pairs.fixed_mind(level) if c.inputs != "image" or c.gradient_input else None)
 
     def solve(self, pairs: PairBatch, theta0: Optional[torch.Tensor] = None, pre: Optional[torch.Tensor] = None,
               solvers: Optional[Sequence[SolverSpec]] = None, backprop: str = "direct",

@@ -114,7 +114,10 @@ def _global_starts(options: RegistrationOptions, device) -> torch.Tensor:
     return rotation_starts(float(options.extra.get("range_deg", DEFAULT_RANGE_DEG)), device=device)
 
 
-def _solve(model: MSODE, pairs: PairBatch, options: RegistrationOptions, scope: ProgressScope, pre=None):
+def _solve(model: MSODE, pairs: PairBatch, options: RegistrationOptions, scope: ProgressScope, pre=None,
+           before: Optional[float] = None):
+    """θ(T) of ``model`` on ``pairs``, its solver record and figures; ``before``: the MIND-SSC distance at θ = 0
+    when the caller knows it already (a hybrid's deformable stage starts where the rigid stage ended)."""
     solvers = parse_solvers(options.extra["solvers"]) if options.extra.get("solvers") else None
     levels = model.config.levels
     search = options.search == "global" and model.config.kind == "rigid"
@@ -134,7 +137,9 @@ def _solve(model: MSODE, pairs: PairBatch, options: RegistrationOptions, scope: 
             theta, info, fields = model.solve(pairs, pre=pre, solvers=solvers, cancel=options.cancel, on_level=on_level)
             field, extra = fields[-1], {}
         # θ = 0 (the centre-of-mass start) and the result, on the finest level's grid
-        before, after = float(field.mind_distance(torch.zeros_like(theta))[0]), float(field.mind_distance(theta)[0])
+        if before is None:
+            before = float(field.mind_distance(torch.zeros_like(theta))[0])
+        after = float(field.mind_distance(theta)[0])
     if model.config.kind == "rigid" and after > before:
         # never hand back a pose the similarity likes less than the start: near the answer (images
         # nearly aligned already) the shipped model's learned levels can push a pose several mm
@@ -189,7 +194,8 @@ def run_msode(kind: str, fixed: Volume, moving: Volume, options: RegistrationOpt
             pre = rigid_export(torch.zeros(1, 6, device=device), pairs.c_fixed, pairs.c_moving)
             pre_h = translation_homogeneous(pairs.c_fixed, pairs.c_moving)
         theta, info, fig = _solve(deform_model, pairs, options, scope.sub(0.5 if kind == "hybrid" else 0.05, 0.9),
-                                          pre=pre_h.to(pairs.fixed[-1].dtype))
+                                  pre=pre_h.to(pairs.fixed[-1].dtype),
+                                  before=figures["rigid_mind_ssd_after"] if reused is not None else None)
         fixed_grid = pairs.fixed_geometries[-1]
         if deform_model.config.kind == "bspline":
             deformable = BSplineTransform(deform_model.control_grid(fixed_grid), theta.detach().double().cpu())
