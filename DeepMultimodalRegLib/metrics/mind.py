@@ -65,7 +65,8 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
     dilation = check_radius(dilation, "MIND dilation")
     if not x.is_floating_point():
         x = x.float()
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    # the sum of finite voxels is finite unless they are near float's limit: the full check only then
+    if x.is_floating_point() and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
         raise InvalidImageError("the image for MIND-SSC has NaN or Inf voxels; replace them before computing "
                                 "descriptors")
     if torch.is_grad_enabled() and x.requires_grad:
@@ -153,7 +154,7 @@ class _MindSSC(torch.autograd.Function):
         # sq_c = (I(x + d·p) − I(x + d·q))², each neighbour a view of the padded image.  Where the pair's
         # difference is 0 its term is 0 even if g_sq overflowed (a flat image's variance floor is the smallest
         # float), which autograd's chain would turn into 0·inf = NaN
-        guard = not bool(torch.isfinite(g_sq).all())
+        guard = not bool(torch.isfinite(g_sq.sum()))  # one read; any inf or NaN makes the sum non-finite
         g_sq = g_sq * 2
         g_padded = torch.zeros_like(padded)
         shifts = _pair_views(padded, ctx.dilation, out.shape[-3:])
