@@ -166,7 +166,7 @@ Choose the fixed and the moving volume, a method and where the result goes, then
 <li><b>disa-*</b>: a small CNN whose features approximate the LC<sup>2</sup> similarity (rigid, affine, deformable);
 use <i>global</i> search for a wide capture range.</li>
 <li><b>mind-*</b>, <b>lc2-rigid</b>: classical MIND-SSC and LC<sup>2</sup> similarities, for comparison.</li>
-<li><b>msode-*</b>: a learned multi-scale neural-ODE optimiser (rigid, B-spline, dense, hybrid). A preliminary rigid model ships (reliable up to about ±25° from the start; use <i>global</i> search for larger turns: 27 starting rotations, about twice the time); the others need trained weights: choose the file under <i>MS-ODE model</i> (for msode-hybrid, its B-spline stage; <i>MS-ODE rigid stage</i> replaces the shipped rigid model).</li>
+<li><b>msode-*</b>: a learned multi-scale neural-ODE optimiser (rigid, B-spline, dense, hybrid). A preliminary rigid model ships (reliable up to about ±25° from the start; use <i>global</i> search for larger turns: 27 starting rotations, about twice the time); msode-bspline and msode-hybrid's B-spline stage run an untrained MIND-SSC gradient flow unless you choose a trained model under <i>MS-ODE model</i> (no trained B-spline model ships); msode-dense needs one; <i>MS-ODE rigid stage</i> replaces the shipped rigid model.</li>
 <li><b>deep</b>: a general deep deformable model that can then be refined inside a box you draw.</li>
 </ul>
 Computation runs on a CUDA GPU when there is one (device <i>auto</i>) and on the CPU otherwise.

@@ -70,6 +70,30 @@ def test_untrained_bspline_flow_file_feeds_the_hybrid_through_the_cli(tmp_path, 
         get_method("msode-hybrid").runner(anatomy.image, moving, RegistrationOptions(extra={"weights": weights(tmp_path, "rigid")}))
 
 
+def test_without_a_bspline_model_the_built_in_flow_stands_in_and_the_report_says_so():
+    """No trained B-spline model ships: msode-hybrid and msode-bspline without a file run the untrained
+    gradient flow that ``training.msode_flow`` writes (the same model, without touching the caller's random
+    state); the report names each stage's model; msode-dense still asks for a file."""
+    from DeepMultimodalRegLib.errors import NotAvailableError
+    from DeepMultimodalRegLib.msode.flow import bspline_flow
+    from DeepMultimodalRegLib.msode.runner import BUILT_IN_FLOW, load_model
+
+    state = torch.random.get_rng_state()
+    built_in = load_model("bspline")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert built_in.source == BUILT_IN_FLOW and all(f.body_is_silent for f in built_in.fields)
+    reference = bspline_flow().state_dict_with_config()
+    assert all(torch.equal(v, reference[k]) for k, v in built_in.state_dict_with_config().items())
+    with pytest.raises(NotAvailableError, match="no trained MS-ODE dense model is shipped"):
+        load_model("dense")
+    anatomy = phantom_anatomy()
+    moving = anatomy.image.with_data(torch.roll(anatomy.image.data, 1, 2), name="moved")
+    result = get_method("msode-hybrid").runner(anatomy.image, moving, RegistrationOptions(device="cpu"))
+    assert result.figures["rigid_model"] == "shipped msode_rigid"
+    assert result.figures["deformable_model"] == BUILT_IN_FLOW
+    assert result.figures["deformable_nfe"] == 14  # the paper's F(0.2)-F(0.2)-F(0.25)
+
+
 def test_hybrid_reuses_the_rigid_stage_pyramid_only_where_it_equals_a_fresh_one():
     """msode-hybrid prepares the images once when both models share the working grid: the finest levels
     of the rigid model's pyramid are exactly what the deformable model would prepare itself."""

@@ -222,7 +222,8 @@ def test_global_search_reaches_msode_rigid_without_the_random_start_settings(sce
 def test_msode_model_files_reach_the_runner_and_bad_ones_fail_before_any_work(scene, misaligned_pair, tmp_path):
     """The module's MS-ODE model fields: msode-bspline|dense|rigid get ``weights``, msode-hybrid gets its
     deformable (and, if set, rigid) stage's file; a missing file, a file of the wrong kind and a method
-    with neither a file nor a shipped model are refused in ``prepare``, before any volume is copied."""
+    with neither a file nor a shipped or built-in model (msode-dense) are refused in ``prepare``, before any
+    volume is copied."""
     from DeepMultimodalRegLib.errors import NotAvailableError
     from DeepMultimodalRegLib.msode.model import MSODE
     from test_msode_training import tiny_config
@@ -247,8 +248,9 @@ def test_msode_model_files_reach_the_runner_and_bad_ones_fail_before_any_work(sc
         prepare("msode-bspline", MsodeWeights=str(tmp_path / "missing.pt"))
     with pytest.raises(NotAvailableError, match="rigid model, a bspline model is needed"):
         prepare("msode-bspline", MsodeWeights=files["rigid"])
-    with pytest.raises(NotAvailableError, match="no trained MS-ODE bspline model is shipped"):
-        prepare("msode-hybrid")
+    with pytest.raises(NotAvailableError, match="no trained MS-ODE dense model is shipped"):
+        prepare("msode-dense")
+    assert prepare("msode-hybrid").options.extra == {}  # the shipped rigid model, then the built-in flow
     not_a_model = tmp_path / "notes.pt"
     not_a_model.write_text("not a model")
     with pytest.raises(InvalidParameterError, match="is not an MS-ODE dense model file"):

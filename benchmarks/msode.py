@@ -36,8 +36,9 @@ and with the solvers F(0.25)–F(0.5)–F(1) (``msode-rigid-train-solvers``); ``
 model with ``--search global`` (27 starting rotations, ±50° per axis, pruned level by level; not in the
 paper; ``msode/multistart.py``);
 ``msode-bspline`` (``--bspline-weights``) and ``msode-hybrid`` (the rigid model of ``--weights`` then
-the B-spline model of ``--hybrid-weights``, else ``--bspline-weights``; ``msode-hybrid-global``: its rigid
-stage with the global search), only when weights are given;
+the B-spline model of ``--hybrid-weights``, else ``--bspline-weights``, else the built-in untrained
+gradient flow, ``msode/flow.py``; ``msode-hybrid-global``: its rigid stage with the global search), in the
+default list for deformable motions or when weights are given;
 ``sitk-mattes``: SimpleITK rigid, Mattes MI, 4-2-1 pyramid (``peers/simpleitk_rigid.py``);
 ``sitk-bspline``: that rigid then a cubic B-spline (≈ 35 mm knots, Mattes MI, L-BFGS-B stopped at 10
 iterations per level, 4-2 pyramid; ``peers/simpleitk_bspline.py``); ``ants-rigid`` and ``ants-syn``:
@@ -77,7 +78,8 @@ from DeepMultimodalRegLib.transforms.resample import warp_volume  # noqa: E402
 
 METHODS = ("msode-rigid", "msode-rigid-global", "msode-rigid-train-solvers", "sitk-mattes", "ants-rigid", "sitk-bspline",
            "ants-syn")
-#: run only when their weights are given (no trained B-spline model is shipped yet)
+#: run by default when B-spline weights are given or the motions are deformable (without weights their
+#: B-spline stage is the built-in untrained gradient flow: no trained B-spline model ships yet)
 WEIGHTED_METHODS = ("msode-bspline", "msode-hybrid", "msode-hybrid-global")
 MOTIONS = ("rigid", "bspline", "hybrid")
 
@@ -185,7 +187,8 @@ def main(argv=None) -> int:
                         "their weights are given)")
     p.add_argument("--motion", default="rigid", help="comma list of rigid, bspline, hybrid")
     p.add_argument("--weights", help="MS-ODE rigid weights (default: the shipped msode_rigid)")
-    p.add_argument("--bspline-weights", help="MS-ODE B-spline weights (enables msode-bspline and msode-hybrid)")
+    p.add_argument("--bspline-weights", help="MS-ODE B-spline weights for msode-bspline and msode-hybrid (default: "
+                                             "the built-in untrained gradient flow)")
     p.add_argument("--hybrid-weights", help="MS-ODE B-spline weights for the hybrid's deformable stage "
                                             "(default: --bspline-weights)")
     p.add_argument("--label", default="",
@@ -225,9 +228,9 @@ def main(argv=None) -> int:
         methods = [m for m in args.methods.split(",") if m]
     else:
         methods = list(METHODS)
-        if args.bspline_weights or args.hybrid_weights:
-            methods += [m for m in WEIGHTED_METHODS if m != "msode-bspline" or args.bspline_weights]
     motions = [m for m in args.motion.split(",") if m]
+    if not args.methods and (args.bspline_weights or args.hybrid_weights or set(motions) - {"rigid"}):
+        methods += list(WEIGHTED_METHODS)
     unknown = [m for m in motions if m not in MOTIONS]
     if unknown:
         p.error(f"unknown motion(s) {unknown}; choose from {', '.join(MOTIONS)}")

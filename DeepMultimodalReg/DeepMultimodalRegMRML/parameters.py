@@ -48,7 +48,8 @@ SETTINGS = {s.name: s for s in [
     Setting("ComputeMaps", bool, True, (), "add review maps: local similarity, Jacobian determinant, displacement"),
     Setting("DeepWeights", str, "", (), "weights file of the general deep model (empty: the shipped network)"),
     Setting("MsodeWeights", str, "", (), "MS-ODE model file (`deepmmreg train msode`) for msode-rigid, -bspline, "
-            "-dense, and msode-hybrid's deformable stage (empty: the shipped model of that kind, where one ships)"),
+            "-dense, and msode-hybrid's deformable stage (empty: the shipped model of that kind, or for B-spline "
+            "stages the untrained gradient flow while no trained B-spline model ships)"),
     Setting("MsodeRigidWeights", str, "", (), "msode-hybrid's rigid stage model file (empty: the shipped rigid model)"),
     Setting("GeometryFile", str, "", (), "C-arm geometry JSON for 2D/3D registration"),
     Setting("SopiModelDir", str, "", (), "folder of the per-patient SOPI networks (sopi, sopi+opt)"),

@@ -64,9 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "run a trous) or 4 voxels (8 mm, as the linear stages use)")
     # --- rso (issue 5)
     r.add_argument("--weights", type=Path, help="deep: general-model weights (default: the shipped `general`); msode-*: a trained MS-ODE model "
-                        "(default for msode-rigid: the shipped msode_rigid; none ships for the deformable kinds; "
-                        "msode-hybrid: the B-spline model of its deformable stage, after the shipped rigid model; "
-                        "an untrained B-spline gradient flow: python -m DeepMultimodalRegLib.training.msode_flow OUT.pt)")
+                        "(default for msode-rigid: the shipped msode_rigid; for msode-bspline and msode-hybrid's "
+                        "deformable stage, while no trained B-spline model ships: an untrained MIND-SSC gradient flow, "
+                        "python -m DeepMultimodalRegLib.training.msode_flow OUT.pt writes it to a file; msode-dense "
+                        "needs a file; msode-hybrid: the B-spline model of its deformable stage, after the shipped "
+                        "rigid model)")
     r.add_argument("--working-spacing", type=float, help="deep: working grid spacing in mm (default: the model's)")
     r.add_argument("--similarity", choices=("auto", "mse", "ncc", "disa"),
                    help="deep: loss of ISO/RSO (default auto: mse for same-modality pairs, ncc otherwise; disa = "

@@ -4,10 +4,11 @@ The runner prepares both images on their working grids, integrates the trained M
 without gradients and returns the library's :class:`RegistrationResult`: the transform (rigid, or
 ``Composite[pre, B-spline | field]``), the warped moving volume at full resolution, and figures
 (the number of function evaluations per level and in total, the solvers, the MIND-SSC distance
-before and after on the working grid, the time).  ``options.extra`` may hold ``weights`` (a
-state_dict file; for the hybrid ``weights`` or ``weights_deformable`` is the B-spline model and
-``weights_rigid`` the rigid one, default the shipped ``msode_rigid``) and ``solvers`` (the
-paper's notation, e.g. ``"F(0.25)-F(0.25)-F(0.5)"``).
+before and after on the working grid, which model each stage used, the time).  ``options.extra`` may
+hold ``weights`` (a state_dict file; for the hybrid ``weights`` or ``weights_deformable`` is the B-spline
+model and ``weights_rigid`` the rigid one, default the shipped ``msode_rigid``; a B-spline stage without
+a file runs the untrained gradient flow of :mod:`.flow` while no trained B-spline model ships) and
+``solvers`` (the paper's notation, e.g. ``"F(0.25)-F(0.25)-F(0.5)"``).
 
 ``options.search == "global"`` (msode-rigid and the rigid stage of msode-hybrid; not in the paper)
 runs the rigid ODE from a grid of starting rotations and keeps the best by MIND-SSC level by level
@@ -44,8 +45,14 @@ from .warp import rigid_export, rigid_homogeneous, translation_homogeneous
 SHIPPED = {"rigid": "msode_rigid", "bspline": "msode_bspline", "dense": "msode_dense"}
 
 
+#: what reports say when no B-spline model ships and the untrained gradient flow stands in (msode/flow.py)
+BUILT_IN_FLOW = "untrained MIND-SSC gradient flow (no trained B-spline model ships)"
+
+
 def load_model(kind: str, weights: Optional[str] = None, device="cpu") -> MSODE:
-    """A trained model: from ``weights`` (a state_dict file) or the shipped ``msode_<kind>``.
+    """A model: from ``weights`` (a state_dict file) or the shipped ``msode_<kind>``; for a B-spline model
+    while none ships, the untrained gradient flow of :mod:`.flow` (what the benchmarks measure).
+    ``model.source`` says which, for the report.
 
     A missing file, a file that is no MS-ODE state dict, a model of another kind and a kind with no
     shipped model (when ``weights`` is empty) are refused with a message naming what is wrong."""
@@ -56,15 +63,22 @@ def load_model(kind: str, weights: Optional[str] = None, device="cpu") -> MSODE:
             model = MSODE.from_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         except Exception as error:  # not a torch file, not a state dict, or one of another network
             raise InvalidParameterError(f"{str(weights)!r} is not an MS-ODE {kind} model file ({error})") from error
+        source = str(weights)
     else:
         from ..weights.manifest import load_manifest, load_state_dict
 
         name = SHIPPED[kind]
-        if name not in {e.name for e in load_manifest()}:
+        if name in {e.name for e in load_manifest()}:
+            model, source = MSODE.from_state_dict(load_state_dict(name)), f"shipped {name}"
+        elif kind == "bspline":
+            from .flow import bspline_flow
+
+            model, source = bspline_flow(), BUILT_IN_FLOW
+        else:
             raise NotAvailableError(
                 f"no trained MS-ODE {kind} model is shipped in this version; train one with "
                 f"`deepmmreg train msode --kind {kind} -o DIR` and pass its weights")
-        model = MSODE.from_state_dict(load_state_dict(name))
+    model.source = source
     if model.config.kind != kind:
         raise NotAvailableError(f"the weights hold an MS-ODE {model.config.kind} model, a {kind} model is needed")
     return model.to(device).eval()
@@ -75,7 +89,7 @@ def stage_models(kind: str, extra: dict, device="cpu") -> tuple[Optional[MSODE],
 
     ``extra["weights"]`` is msode-rigid's model, or the deformable stage's for the other kinds (the
     CLI's --weights); ``weights_rigid`` / ``weights_deformable`` name a stage explicitly (msode-hybrid's
-    rigid stage defaults to the shipped msode_rigid)."""
+    rigid stage defaults to the shipped msode_rigid, its B-spline stage to :func:`load_model`'s default)."""
     rigid = deformable = None
     if kind in ("rigid", "hybrid"):
         rigid = load_model("rigid", extra.get("weights_rigid") or (extra.get("weights") if kind == "rigid" else None),
@@ -180,6 +194,7 @@ def run_msode(kind: str, fixed: Volume, moving: Volume, options: RegistrationOpt
         p = theta[0].tolist()
         fig["rotation_deg"] = [round(math.degrees(v), 3) for v in p[:3]]
         fig["translation_mm"] = [round(v, 3) for v in (transform.translation[0].tolist())]
+        fig["model"] = rigid_model.source
         history.append(RegistrationStep("msode-rigid", time.perf_counter() - t0, info.total_nfe, fig))
         figures.update({f"rigid_{k}" if kind == "hybrid" else k: v for k, v in fig.items()})
         pre_h = rigid_homogeneous(theta, pairs.c_fixed, pairs.c_moving)
@@ -202,6 +217,7 @@ def run_msode(kind: str, fixed: Volume, moving: Volume, options: RegistrationOpt
         else:
             deformable = DisplacementFieldTransform(fixed_grid, theta.detach().float().cpu())
         transform = CompositeTransform([pre.to("cpu", torch.float64), deformable])
+        fig["model"] = deform_model.source
         history.append(RegistrationStep(f"msode-{deform_model.config.kind}", time.perf_counter() - t0,
                                         info.total_nfe, fig))
         figures.update({f"deformable_{k}" if kind == "hybrid" else k: v for k, v in fig.items()})
