@@ -80,7 +80,7 @@ METHODS = ("msode-rigid", "msode-rigid-global", "msode-rigid-train-solvers", "si
            "ants-syn")
 #: run by default when B-spline weights are given or the motions are deformable (without weights their
 #: B-spline stage is the built-in untrained gradient flow: no trained B-spline model ships yet)
-WEIGHTED_METHODS = ("msode-bspline", "msode-hybrid", "msode-hybrid-global")
+DEFORMABLE_MSODE_METHODS = ("msode-bspline", "msode-hybrid", "msode-hybrid-global")
 MOTIONS = ("rigid", "bspline", "hybrid")
 
 
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
         methods = list(METHODS)
     motions = [m for m in args.motion.split(",") if m]
     if not args.methods and (args.bspline_weights or args.hybrid_weights or set(motions) - {"rigid"}):
-        methods += list(WEIGHTED_METHODS)
+        methods += list(DEFORMABLE_MSODE_METHODS)
     unknown = [m for m in motions if m not in MOTIONS]
     if unknown:
         p.error(f"unknown motion(s) {unknown}; choose from {', '.join(MOTIONS)}")
