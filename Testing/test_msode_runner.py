@@ -117,3 +117,20 @@ def test_hybrid_reuses_the_rigid_stage_pyramid_only_where_it_equals_a_fresh_one(
     # another working grid, or more levels than the rigid stage prepared: prepared afresh
     assert _reusable_pair(pairs, rigid, MSODE(replace(deformable.config, spacing_mm=c.spacing_mm * 2))) is None
     assert _reusable_pair(pairs, rigid, MSODE(replace(deformable.config, levels=c.levels + 1))) is None
+
+
+def test_hybrid_never_hands_back_a_deformation_the_similarity_likes_less_than_its_start():
+    """On the co-registered Kirby21 FLAIR → T1 the untrained B-spline flow runs away at a few control points
+    (its MIND-SSC distance rises); the runner then keeps the rigid stage's result: a zero B-spline and the
+    start's distance, as it does for a rigid pose."""
+    from conftest import shared_scan
+    from DeepMultimodalRegLib.image.io import read_volume
+    from DeepMultimodalRegLib.msode.grids import resample_onto
+
+    t1, flair = (read_volume(shared_scan(f"mr_kirby21_113/{name}.nii.gz")).float() for name in ("t1_mprage", "flair"))
+    t1, flair = (resample_onto(v, v.geometry.resampled(4.0)) for v in (t1, flair))
+    result = get_method("msode-hybrid").runner(t1, flair, RegistrationOptions(device="cpu"))
+    f = result.figures
+    assert f["deformable_mind_ssd_after"] <= f["deformable_mind_ssd_before"]
+    assert f.get("deformable_kept_start") is True
+    assert not result.transform.transforms[-1].coefficients.any()

@@ -154,11 +154,14 @@ def _solve(model: MSODE, pairs: PairBatch, options: RegistrationOptions, scope: 
         if before is None:
             before = float(field.mind_distance(torch.zeros_like(theta))[0])
         after = float(field.mind_distance(theta)[0])
-    if model.config.kind == "rigid" and after > before:
-        # never hand back a pose the similarity likes less than the start: near the answer (images
-        # nearly aligned already) the shipped model's learned levels can push a pose several mm
+    if after > before:
+        # never hand back a result the similarity likes less than the start.  Rigid: near the answer
+        # (images nearly aligned already) the shipped model's learned levels can push a pose several mm
         # away and its 4 mm flow does not always return (docs/benchmarks.md, global-search section,
-        # "Near-aligned pairs")
+        # "Near-aligned pairs").  Deformable: on a pair that is aligned already, the untrained B-spline
+        # flow can run away at a few control points (~100 mm on the co-registered Kirby21 FLAIR → T1,
+        # its MIND-SSC distance up from 0.0061 to 0.0068–0.0100; docs/benchmarks.md, "MS-ODE hybrid");
+        # the start is then the pre-transform alone (for the hybrid, the rigid stage's result)
         theta, after = torch.zeros_like(theta), before
         extra["kept_start"] = True
     used = solvers or model.config.solver_specs()
