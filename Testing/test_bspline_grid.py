@@ -40,12 +40,20 @@ def _reference(direction: np.ndarray, centre=(25.0, 14.0, 31.0)) -> ImageGeometr
 
 
 @pytest.mark.parametrize("case", sorted(DIRECTIONS))
-def test_grid_values_equal_per_point_values(case):
+def test_grid_values_equal_per_point_values(case, monkeypatch):
+    from DeepMultimodalRegLib.transforms.base import Transform
+
     control_direction, reference_direction = DIRECTIONS[case]
     transform = _bspline(control_direction)
     reference = _reference(reference_direction)
     expected = transform.transform_points(reference.physical_grid(dtype=torch.float64))
+    per_point_calls = []
+    per_point = Transform.transform_grid
+    monkeypatch.setattr(Transform, "transform_grid",
+                        lambda self, *a, **k: per_point_calls.append(1) or per_point(self, *a, **k))
     got = transform.transform_grid(reference)
+    # aligned, flipped and permuted grids take the separable path, turned ones the per-point one
+    assert bool(per_point_calls) == ("per-point path" in case)
     assert got.shape == expected.shape == (2, *reference.shape, 3)
     assert float((got - expected).abs().max()) < 1e-9
     assert float((transform.transform_grid(reference, (4, 9)) - expected[:, 4:9]).abs().max()) < 1e-9

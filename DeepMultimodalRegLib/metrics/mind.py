@@ -116,8 +116,9 @@ class _MindSSC(torch.autograd.Function):
     """MIND-SSC with a hand-written backward pass.
 
     Why: autograd's backward of the descriptor (shifted views, box means, the per-voxel minimum and
-    the clamped variance) costs ~3x the forward on the CPU, most of it in zero-filled full-size
-    gradients of every slice.  MS-ODE asks for this gradient at every ODE step (the descent input).
+    the clamped variance) costs about twice the forward on the CPU, much of it in zero-filled full-size
+    gradients of every slice (forward and backward together: 1.39x faster this way at 64³,
+    benchmarks/kernel_speedups.py).  MS-ODE asks for this gradient at every ODE step (the descent input).
     The forward is :func:`_mind_parts`, unchanged; the backward follows its chain rule term by term,
     autograd's conventions at ties included, and matches autograd to float rounding (tested)."""
 

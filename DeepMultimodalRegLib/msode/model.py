@@ -31,7 +31,7 @@ KINDS = ("rigid", "bspline", "dense")
 #: no rate of 1e4–4e7 made the untrained flow reduce the error of synthetic 8 mm-σ B-spline motions at
 #: 32³ × 8 mm (median 5.5 mm at the start, 5.5–6.0 mm up to 3e5, worse above); 1e5 keeps the flow
 #: gentle, so a trained body, not the raw slope, has to do the work there.  On real scans at 64³ × 4 mm
-#: the untrained flow does help, best at 1e6 (training/msode_flow.py, which sets that rate itself)
+#: the untrained flow does help, best at 1e6 (msode/flow.py, which sets that rate itself)
 DEFAULT_DESCENT_RATES = {"rigid": 2e4, "bspline": 1e5}
 CONFIG_KEY = "_msode_config"
 
@@ -114,10 +114,14 @@ class LevelField(nn.Module):
         self.points = grid_points(fixed_geometry, fixed.device, fixed.dtype)
         self.c_fixed, self.c_moving, self.pre = c_fixed, c_moving, pre
         self.basis, self.control_shape = basis, control_shape
-        wants_mind = inputs != "image" or descent_preconditioner is not None
-        if fixed_mind is None and wants_mind:
-            fixed_mind = mind_ssc(fixed, radius=1, dilation=1)
+        #: the fixed image's MIND-SSC (r = 1, d = 1): given by :meth:`MSODE.level_field` where the network or
+        #: the descent needs it, else computed on first use (:meth:`_fixed_descriptor`)
         self.fixed_mind = fixed_mind
+
+    def _fixed_descriptor(self) -> torch.Tensor:
+        if self.fixed_mind is None:
+            self.fixed_mind = mind_ssc(self.fixed, radius=1, dilation=1)
+        return self.fixed_mind
 
     def displacement(self, theta: torch.Tensor) -> torch.Tensor:
         return self.basis(theta) if self.kind == "bspline" else theta
@@ -132,9 +136,7 @@ class LevelField(nn.Module):
     def mind_distance(self, theta: torch.Tensor) -> torch.Tensor:
         """The MIND-SSC distance [B] between the moving warped by θ and the fixed image on this level
         (the fixed image's descriptors computed once per field)."""
-        if self.fixed_mind is None:
-            self.fixed_mind = mind_ssc(self.fixed, radius=1, dilation=1)
-        return mind_ssd(mind_ssc(self.warp(theta), radius=1, dilation=1), self.fixed_mind, per_batch=True)
+        return mind_ssd(mind_ssc(self.warp(theta), radius=1, dilation=1), self._fixed_descriptor(), per_batch=True)
 
     def _descent_with_warp(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(−P·∂L_sim/∂θ, the warped moving image, its MIND-SSC), all detached from θ."""
@@ -142,7 +144,7 @@ class LevelField(nn.Module):
             th = theta.detach().requires_grad_(True)
             warped = self.warp(th)
             warped_mind = mind_ssc(warped, radius=1, dilation=1)
-            loss = mind_ssd(warped_mind, self.fixed_mind, per_batch=True)
+            loss = mind_ssd(warped_mind, self._fixed_descriptor(), per_batch=True)
             (grad,) = torch.autograd.grad(loss.sum(), th)
         return -grad * self.descent_preconditioner.to(grad), warped.detach(), warped_mind.detach()
 
@@ -182,16 +184,17 @@ class PairBatch:
     moving_geometries: list[ImageGeometry]
     c_fixed: torch.Tensor  # [B, 3]
     c_moving: torch.Tensor
-    #: the fixed images' MIND-SSC per level, filled by :meth:`fixed_mind` (shared with :meth:`finest`'s batch)
+    #: the fixed images' MIND-SSC by level counted from the finest (−1), filled by :meth:`fixed_mind`;
+    #: :meth:`finest`'s batch shares it, its levels keep those numbers
     fixed_minds: dict = field(default_factory=dict, repr=False, compare=False)
 
     def fixed_mind(self, level: int) -> torch.Tensor:
         """MIND-SSC (r = 1, d = 1) of the fixed images on pyramid level ``level``, computed once per batch:
-        a hybrid's two stages and a global search's final check all need the 64³ one."""
-        image = self.fixed[level]
-        if id(image) not in self.fixed_minds:
-            self.fixed_minds[id(image)] = (image, mind_ssc(image, radius=1, dilation=1))
-        return self.fixed_minds[id(image)][1]
+        a hybrid's two stages both need the 64³ one."""
+        key = level - len(self.fixed) if level >= 0 else level
+        if key not in self.fixed_minds:
+            self.fixed_minds[key] = mind_ssc(self.fixed[key], radius=1, dilation=1)
+        return self.fixed_minds[key]
 
     @property
     def batch(self) -> int:
@@ -239,8 +242,8 @@ class MSODE(nn.Module):
         if CONFIG_KEY not in state:
             raise InvalidParameterError("these weights are not an MS-ODE model (no stored configuration)")
         config = MSODEConfig(**json.loads(bytes(state[CONFIG_KEY].tolist()).decode()))
-        # built without initialising its parameters (every one is overwritten next; the random
-        # initialisation was a third of loading a model), then filled from the file
+        # built without initialising its parameters (every one is overwritten next, so the random
+        # initialisation was wasted work), then filled from the file
         with torch.device("meta"):
             model = cls(config)
         model = model.to_empty(device="cpu")

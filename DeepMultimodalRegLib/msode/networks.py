@@ -126,7 +126,7 @@ class BSplineField(nn.Module):
 
     @property
     def body_is_silent(self) -> bool:
-        """True when the body's output layer is all zero (an untrained gradient flow, training/msode_flow.py):
+        """True when the body's output layer is all zero (an untrained gradient flow, msode/flow.py):
         the body then adds exactly 0 to the descent term, so a caller may skip building its inputs."""
         last = self.body[-1]
         return self.gradient_input and not bool(last.weight.any()) and not bool(last.bias.any())
