@@ -8,7 +8,8 @@ import torch
 from DeepMultimodalRegLib.image.geometry import ImageGeometry
 from DeepMultimodalRegLib.msode.grids import level_geometries, working_grid
 from DeepMultimodalRegLib.msode.warp import (BSplineBasis, apply_homogeneous, field_points, grid_points,
-                                             rigid_export, rigid_homogeneous, sample_moving)
+                                             homogeneous_sampling_grid, rigid_export, rigid_homogeneous,
+                                             rigid_sampling_grid, sample_moving, sample_moving_grid)
 from DeepMultimodalRegLib.transforms.bspline import BSplineTransform, control_grid_for_domain
 from DeepMultimodalRegLib.transforms.composite import CompositeTransform
 from DeepMultimodalRegLib.transforms.displacement import DisplacementFieldTransform
@@ -64,7 +65,14 @@ def test_rigid_warp_matches_simpleitk(grids, tmp_path):
     points = grid_points(fixed_grid, dtype=torch.float64)
     ours = sample_moving(moving[None, None], moving_geometry, apply_homogeneous(rigid_homogeneous(theta, c_f, c_m), points))
     path = write_transform(rigid_export(theta, c_f, c_m), tmp_path / "rigid.tfm")
-    compare(ours[0, 0], sitk_resample(moving, moving_geometry, fixed_grid, path), moving)
+    theirs = sitk_resample(moving, moving_geometry, fixed_grid, path)
+    compare(ours[0, 0], theirs, moving)
+    # the way MS-ODE's level fields warp (index → physical → T_θ → moving grid folded into one map), in
+    # float64 and in the float32 of registration
+    for dtype in (torch.float64, torch.float32):
+        grid = rigid_sampling_grid(theta.to(dtype), c_f.to(dtype), c_m.to(dtype), fixed_grid, moving_geometry)
+        folded = sample_moving_grid(moving[None, None].to(dtype), moving_geometry, grid)
+        compare(folded[0, 0].double(), theirs, moving)
 
 
 @pytest.mark.parametrize("level", [0, 1, 2])
@@ -82,7 +90,11 @@ def test_bspline_warp_matches_simpleitk(grids, tmp_path, level):
     ours = sample_moving(moving[None, None], moving_geometry, mapped)
     transform = CompositeTransform([rigid_export(pre_theta, c_f, c_m), BSplineTransform(control, coefficients)])
     path = write_transform(transform, tmp_path / "hybrid.h5")
-    compare(ours[0, 0], sitk_resample(moving, moving_geometry, geometry, path), moving)
+    theirs = sitk_resample(moving, moving_geometry, geometry, path)
+    compare(ours[0, 0], theirs, moving)
+    # MS-ODE's level fields fold P and the moving grid map into one matrix
+    grid = homogeneous_sampling_grid(rigid_homogeneous(pre_theta, c_f, c_m), field_points(points, u), moving_geometry)
+    compare(sample_moving_grid(moving[None, None], moving_geometry, grid)[0, 0], theirs, moving)
     # and the separable evaluation is the library's (gather-based) B-spline
     direct = BSplineTransform(control, coefficients).displacement(points)[0].permute(3, 0, 1, 2)
     assert torch.allclose(u[0], direct, atol=1e-9)

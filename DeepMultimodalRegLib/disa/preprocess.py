@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..image.smoothing import discrete_gaussian
 from ..image.volume import Volume
 
 #: the spacing the network was trained at (the paper's 2 mm)
@@ -22,10 +23,11 @@ def prepare_for_disa(volume: Volume, spacing_mm: float = DISA_SPACING_MM, modali
         modality = "CT" if float(data.min()) <= -1000 else "MR"
     if modality == "CT":
         data = data.clamp(-1024.0, 3071.0)
-    image = volume.with_data(data).to_sitk()
-    sigmas = [max(0.0, 0.5 * (spacing_mm - s)) for s in image.GetSpacing()]
+    source = volume.with_data(data)
+    sigmas = [max(0.0, 0.5 * (spacing_mm - s)) for s in source.geometry.spacing]
     if max(sigmas) > 0:  # (an axis already coarser than the target keeps sigma 0)
-        image = sitk.DiscreteGaussian(image, [s * s for s in sigmas], 64, 0.01, True)
+        source = discrete_gaussian(source, [s * s for s in sigmas])  # ITK's filter, run in torch
+    image = source.to_sitk()
     target = volume.geometry.resampled(spacing_mm)
     reference = sitk.Image(target.size_xyz, sitk.sitkFloat32)
     target.copy_to_sitk(reference)

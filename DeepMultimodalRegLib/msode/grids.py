@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..errors import InvalidImageError, InvalidParameterError
 from ..image.geometry import ImageGeometry
 from ..image.normalize import percentile_scale
+from ..image.smoothing import discrete_gaussian
 from ..image.volume import Volume
 
 IDENTITY_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -50,14 +51,16 @@ def level_geometries(grid: ImageGeometry, levels: int) -> list[ImageGeometry]:
 
 
 def resample_onto(volume: Volume, grid: ImageGeometry, antialias: bool = True, interpolation: str = "linear") -> Volume:
-    """``volume`` resampled onto ``grid`` by SimpleITK (identity transform), Gaussian anti-aliased."""
+    """``volume`` resampled onto ``grid`` by SimpleITK (identity transform), Gaussian anti-aliased first
+    (ITK's discrete Gaussian, run in torch: :func:`~DeepMultimodalRegLib.image.smoothing.discrete_gaussian`)."""
     import SimpleITK as sitk
 
-    image = volume.float().to("cpu").to_sitk()
+    source = volume.float().to("cpu")
     if antialias and interpolation == "linear":
-        sigmas = [max(0.0, 0.5 * (max(grid.spacing) - s)) for s in image.GetSpacing()]
+        sigmas = [max(0.0, 0.5 * (max(grid.spacing) - s)) for s in source.geometry.spacing]
         if max(sigmas) > 0:
-            image = sitk.DiscreteGaussian(image, [s * s for s in sigmas], 64, 0.01, True)
+            source = discrete_gaussian(source, [s * s for s in sigmas])
+    image = source.to_sitk()
     reference = sitk.Image(grid.size_xyz, sitk.sitkFloat32)
     grid.copy_to_sitk(reference)
     method = sitk.sitkLinear if interpolation == "linear" else sitk.sitkNearestNeighbor

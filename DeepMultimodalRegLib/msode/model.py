@@ -23,8 +23,8 @@ from ..metrics.mind import mind_ssc, mind_ssd
 from .dynamics import SolveInfo, integrate_multiscale
 from .networks import INPUT_MODES, BSplineField, DenseField, RigidField, build_inputs, input_channels
 from .solvers import PAPER_LEVELS, PAPER_SOLVERS, PAPER_T, SolverSpec, parse_solvers
-from .warp import (BSplineBasis, apply_homogeneous, field_points, grid_points, rigid_homogeneous, sample_moving,
-                   translation_homogeneous, upsample_field)
+from .warp import (BSplineBasis, field_points, grid_points, homogeneous_sampling_grid, rigid_sampling_grid,
+                   sample_moving_grid, translation_homogeneous, upsample_field)
 
 KINDS = ("rigid", "bspline", "dense")
 #: P's rate of ``gradient_input`` per parameterisation (benchmarks/msode_descent_rate.py).  B-spline:
@@ -111,12 +111,20 @@ class LevelField(nn.Module):
         self.fixed, self.moving = fixed, moving
         self.moving_geometry = moving_geometry
         self.fixed_geometry = fixed_geometry
-        self.points = grid_points(fixed_geometry, fixed.device, fixed.dtype)
+        self._points: Optional[torch.Tensor] = None
         self.c_fixed, self.c_moving, self.pre = c_fixed, c_moving, pre
         self.basis, self.control_shape = basis, control_shape
         #: the fixed image's MIND-SSC (r = 1, d = 1): given by :meth:`MSODE.level_field` where the network or
         #: the descent needs it, else computed on first use (:meth:`_fixed_descriptor`)
         self.fixed_mind = fixed_mind
+
+    @property
+    def points(self) -> torch.Tensor:
+        """Physical positions [D, H, W, 3] of the level's voxel centres, made on first use (a rigid warp maps
+        voxel indices directly, :func:`~.warp.rigid_sampling_grid`, and never needs them)."""
+        if self._points is None:
+            self._points = grid_points(self.fixed_geometry, self.fixed.device, self.fixed.dtype)
+        return self._points
 
     def _fixed_descriptor(self) -> torch.Tensor:
         if self.fixed_mind is None:
@@ -128,10 +136,11 @@ class LevelField(nn.Module):
 
     def warp(self, theta: torch.Tensor) -> torch.Tensor:
         if self.kind == "rigid":
-            mapped = apply_homogeneous(rigid_homogeneous(theta, self.c_fixed, self.c_moving), self.points)
+            grid = rigid_sampling_grid(theta, self.c_fixed, self.c_moving, self.fixed_geometry, self.moving_geometry)
         else:
-            mapped = apply_homogeneous(self.pre, field_points(self.points, self.displacement(theta)))
-        return sample_moving(self.moving, self.moving_geometry, mapped)
+            grid = homogeneous_sampling_grid(self.pre, field_points(self.points, self.displacement(theta)),
+                                             self.moving_geometry)
+        return sample_moving_grid(self.moving, self.moving_geometry, grid)
 
     def mind_distance(self, theta: torch.Tensor) -> torch.Tensor:
         """The MIND-SSC distance [B] between the moving warped by θ and the fixed image on this level

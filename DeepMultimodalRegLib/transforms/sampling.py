@@ -57,6 +57,17 @@ def physical_to_continuous_index(points: torch.Tensor, geometry: ImageGeometry) 
     return apply_affine(points, torch.as_tensor(geometry.physical_to_index_matrix(), device=points.device))
 
 
+def affine_index_grid(m: torch.Tensor, z0: int, z1: int, height: int, width: int) -> torch.Tensor:
+    """``m`` [B, 3, 4] applied to the voxel indices (i, j, k, 1) of slices z0 … z1 − 1 of a grid:
+    [B, z1 − z0, H, W, 3], by three broadcast sums (several times faster than a per-voxel matrix product;
+    differentiable with respect to ``m``)."""
+    opts = dict(dtype=m.dtype, device=m.device)
+    i = torch.arange(width, **opts)[None, :, None] * m[:, None, :, 0] + m[:, None, :, 3]
+    j = torch.arange(height, **opts)[None, :, None] * m[:, None, :, 1]
+    k = torch.arange(z0, z1, **opts)[None, :, None] * m[:, None, :, 2]
+    return k[:, :, None, None, :] + j[:, None, :, None, :] + i[:, None, None, :, :]
+
+
 def sample_grid(data: torch.Tensor, geometry: ImageGeometry, grid: torch.Tensor, mode: str = "bilinear",
                 default_value: float = 0.0) -> torch.Tensor:
     """Sample at ``grid_sample`` coordinates ``[B, *S, 3]`` (x, y, z); returns ``[B, C, *S]``.
