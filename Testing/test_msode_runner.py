@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from test_msode_training import phantom_anatomy, tiny_config  # noqa: E402
 
+from DeepMultimodalRegLib.errors import InvalidParameterError
 from DeepMultimodalRegLib.methods.registry import RegistrationOptions, get_method
 from DeepMultimodalRegLib.msode.model import MSODE
 
@@ -92,6 +93,28 @@ def test_without_a_bspline_model_the_built_in_flow_stands_in_and_the_report_says
     assert result.figures["rigid_model"] == "shipped msode_rigid"
     assert result.figures["deformable_model"] == BUILT_IN_FLOW
     assert result.figures["deformable_nfe"] == 14  # the paper's F(0.2)-F(0.2)-F(0.25)
+
+
+def test_registration_keeps_loaded_models_until_their_file_changes(tmp_path):
+    """stage_models loads a model file once per process (a Slicer session registers many pairs); a file
+    written anew is loaded (and checked) afresh; load_model itself always returns a new model."""
+    import os
+
+    from DeepMultimodalRegLib.msode.runner import load_model, stage_models
+
+    path = weights(tmp_path, "bspline")
+    first = stage_models("bspline", {"weights": path})[1]
+    assert stage_models("bspline", {"weights": path})[1] is first
+    assert stage_models("hybrid", {})[0] is stage_models("rigid", {})[0]  # the shipped rigid model, once
+    assert load_model("bspline", path) is not first
+    stamp = os.stat(path)
+    torch.save(MSODE(tiny_config("bspline").model_config()).state_dict_with_config(), path)
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1_000_000))  # a later write, whatever the clock
+    again = stage_models("bspline", {"weights": path})[1]
+    assert again is not first
+    Path(path).write_bytes(b"not a model")
+    with pytest.raises(InvalidParameterError, match="is not an MS-ODE bspline model file"):
+        stage_models("bspline", {"weights": path})
 
 
 def test_hybrid_reuses_the_rigid_stage_pyramid_only_where_it_equals_a_fresh_one():

@@ -84,6 +84,39 @@ def load_model(kind: str, weights: Optional[str] = None, device="cpu") -> MSODE:
     return model.to(device).eval()
 
 
+#: models :func:`stage_models` loaded, kept for the next registration in this process (a Slicer session or a
+#: benchmark registers many pairs).  Why: loading checks a SHA-256, unpickles and builds the networks, 40-60 ms
+#: of a 1.3 s hybrid on the 2-core VM (ad hoc).  Keyed by the file's path, size and modification time (and the
+#: manifest's checksum for a shipped model), so a replaced or edited file is loaded, and checked, afresh.
+_LOADED_MODELS: dict = {}
+_LOADED_MODELS_KEPT = 4
+
+
+def _file_stamp(path: Optional[Path]):
+    if path is None or not path.is_file():
+        return None
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def _registration_model(kind: str, weights: Optional[str], device) -> MSODE:
+    """:func:`load_model`'s model, loaded once per file and device; the runner only reads it (no_grad, eval)."""
+    if weights:
+        key = (kind, _file_stamp(Path(weights)), str(device))
+    else:
+        from ..weights.manifest import load_manifest
+
+        entry = next((e for e in load_manifest() if e.name == SHIPPED[kind]), None)
+        key = (kind, None if entry is None else (entry.sha256, _file_stamp(entry.path)), str(device))
+    model = _LOADED_MODELS.get(key)
+    if model is None or key[1] is None and weights:  # a path that is no file: let load_model say so
+        model = load_model(kind, weights, device)
+        _LOADED_MODELS[key] = model
+        while len(_LOADED_MODELS) > _LOADED_MODELS_KEPT:
+            _LOADED_MODELS.pop(next(iter(_LOADED_MODELS)))
+    return model
+
+
 def stage_models(kind: str, extra: dict, device="cpu") -> tuple[Optional[MSODE], Optional[MSODE]]:
     """(rigid model, deformable model) of ``msode-<kind>``, None for a stage the method does not have.
 
@@ -92,11 +125,11 @@ def stage_models(kind: str, extra: dict, device="cpu") -> tuple[Optional[MSODE],
     rigid stage defaults to the shipped msode_rigid, its B-spline stage to :func:`load_model`'s default)."""
     rigid = deformable = None
     if kind in ("rigid", "hybrid"):
-        rigid = load_model("rigid", extra.get("weights_rigid") or (extra.get("weights") if kind == "rigid" else None),
-                           device)
+        rigid = _registration_model("rigid", extra.get("weights_rigid")
+                                    or (extra.get("weights") if kind == "rigid" else None), device)
     if kind != "rigid":
         deform_kind = "bspline" if kind in ("bspline", "hybrid") else "dense"
-        deformable = load_model(deform_kind, extra.get("weights_deformable") or extra.get("weights"), device)
+        deformable = _registration_model(deform_kind, extra.get("weights_deformable") or extra.get("weights"), device)
     return rigid, deformable
 
 
