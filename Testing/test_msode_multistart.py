@@ -116,7 +116,7 @@ def test_global_search_recovers_a_far_turned_real_t2(kirby21_pair):
     error = target_registration_error(result.transform, truth, points)["mean_mm"]
     assert error < 2.0, (error, result.figures)
     assert result.figures["starts"] == 27 and result.figures["survivors_per_level"] == [9, 5, 2, 1]
-    assert result.figures["pose_evaluations"] == 5 * 27 + 5 * 9 + 10 * 5 + 4 * 2  # F(0.2)-F(0.2)-F(0.1)-F(0.25)
+    assert result.figures["pose_evaluations"] == 5 * 27 + 5 * 9 + 10 * 5 + 5 * 2  # F(0.2)-F(0.2)-F(0.1)-F(0.2)
     assert result.figures["chosen_start_deg"] != [0.0, 0.0, 0.0]
 
 
