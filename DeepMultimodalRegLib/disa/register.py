@@ -62,6 +62,7 @@ from .features import FeaturePair, cosine_pair, feature_pair, support_weights, u
 from .objective import FeatureObjective
 from .parametrization import (AffineParametrization, PoseWithBSpline, RigidParametrization, coordinates_of,
                               nearest_rotation_pose)
+from .preprocess import DISA_SPACING_MM, smooth_for_disa
 from .search import SearchSettings, search_pose
 
 _EXTRA_KEYS = {"starts", "range_deg", "range_mm", "initial", "deformable", "control_spacing_mm", "model",
@@ -354,11 +355,16 @@ def _resampled_polish(poses: list[RigidTransform], pair: FeaturePair, rigid_p: R
     identity = RigidTransform.identity(center=rigid_p.center.reshape(-1, 3)[0].tolist())
     steps = len(poses) + POLISH_ROUNDS - 1
     totals = {"seconds": 0.0, "evaluations": 0}
+    # anti-aliased once at its own resolution, then resampled per pose straight onto the fixed image's 2 mm
+    # grid (the network's), not onto the fixed image's own grid: a full-resolution scan is not resampled at
+    # full resolution in every round (docs/benchmarks.md, "DISA on full-resolution scans")
+    smoothed = smooth_for_disa(moving, modality=extra.get("moving_modality"))
+    grid = fixed.geometry.resampled(DISA_SPACING_MM)
 
     def one_round(pose: RigidTransform, step: int):
         # outside the moving field of view: its lowest value (air for CT and MR), not 0 (soft tissue in CT)
-        resampled = warp_volume(moving.float(), pose, fixed.geometry, default_value=float(moving.data.min()))
-        mask = (warp_volume(options.moving_mask.float(), pose, fixed.geometry, interpolation="nearest")
+        resampled = warp_volume(smoothed, pose, grid, default_value=float(moving.data.min()))
+        mask = (warp_volume(options.moving_mask.float(), pose, grid, interpolation="nearest")
                 if options.moving_mask is not None else None)
         again = with_new_moving(pair, resampled, device, model=model, moving_mask=mask,
                                 moving_modality=extra.get("moving_modality"),
@@ -391,10 +397,13 @@ def _turned_fixed_pairs(pair: FeaturePair, fixed: Volume, options: RegistrationO
     from .features import with_new_fixed
 
     extra = options.extra
+    # as in the polish: anti-aliased once, each turned copy made on the 2 mm grid the network sees
+    smoothed = smooth_for_disa(fixed, modality=extra.get("fixed_modality"))
+    grid = fixed.geometry.resampled(DISA_SPACING_MM)
 
     def turned(rotation: RigidTransform) -> FeaturePair:
-        image = warp_volume(fixed.float(), rotation, fixed.geometry, default_value=float(fixed.data.min()))
-        mask = (warp_volume(options.fixed_mask.float(), rotation, fixed.geometry, interpolation="nearest")
+        image = warp_volume(smoothed, rotation, grid, default_value=float(fixed.data.min()))
+        mask = (warp_volume(options.fixed_mask.float(), rotation, grid, interpolation="nearest")
                 if options.fixed_mask is not None else None)
         return with_new_fixed(pair, image, device, model=model, fixed_mask=mask,
                               fixed_modality=extra.get("fixed_modality"),
