@@ -76,9 +76,10 @@ def rigid_sampling_grid(theta: torch.Tensor, c_fixed: torch.Tensor, c_moving: to
     ``fixed_geometry``: the fixed grid's index → physical map, T_θ and the moving image's physical →
     grid map composed into one affine map first (in float64), then applied by broadcast sums.
 
-    Why: the same points as mapping the physical grid by T_θ and converting to grid coordinates (to
-    float32 rounding), in one pass over the voxels instead of two, forward and backward; an MS-ODE step
-    at 64³ spends that on every evaluation."""
+    The same points as mapping the physical grid by T_θ and converting to grid coordinates (to float32
+    rounding; 1e-13 in float64), in one pass over the voxels instead of two, forward and backward.  At 64³,
+    with MIND-SSC's forward and backward around it, the saving is within the 2-core VM's noise (61 → 57 ms
+    in one A/B, 82 → 87 ms in another; docs/benchmarks.md, "MS-ODE hybrid")."""
     h = rigid_homogeneous(theta, c_fixed, c_moving).double()
     from_index = torch.as_tensor(fixed_geometry.index_to_physical_matrix(), dtype=torch.float64, device=theta.device)
     m = (to_grid_matrix(moving_geometry, theta.device) @ h @ from_index)[:, :3, :].to(theta.dtype)
