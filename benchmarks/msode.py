@@ -70,6 +70,7 @@ sys.path.insert(0, str(ROOT))
 
 from DeepMultimodalRegLib.evaluation import foreground_points, misaligned_copy  # noqa: E402
 from DeepMultimodalRegLib.image.io import read_volume  # noqa: E402
+from DeepMultimodalRegLib.image.normalize import robust_percentiles  # noqa: E402
 from DeepMultimodalRegLib.methods.registry import RegistrationOptions, get_method  # noqa: E402
 from DeepMultimodalRegLib.msode.grids import resample_onto  # noqa: E402
 from DeepMultimodalRegLib.training.msode_data import MotionSettings, random_rigid  # noqa: E402
@@ -142,11 +143,8 @@ def make_case(kind: str, fixed, contrast, rng: np.random.Generator, max_deg: flo
 
 def intensity_scale(moving) -> float:
     """The moving scan's intensity range for RMSE(x): its 1st–99th percentiles over non-zero voxels."""
-    values = moving.data[moving.data != 0].float()
-    if values.numel() > 4_000_000:  # torch.quantile's input limit; a regular subsample is as good here
-        values = values[:: -(-values.numel() // 4_000_000)]
-    low, high = torch.quantile(values, torch.tensor([0.01, 0.99]))
-    return float(high - low)
+    low, high = robust_percentiles(moving.data, 1.0, 99.0, moving.data != 0, max_samples=4_000_000)
+    return high - low
 
 
 def intensity_rmse(estimate, ideal: torch.Tensor, moving, fixed_geometry, scale: float) -> float:

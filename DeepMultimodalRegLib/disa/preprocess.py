@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..image.smoothing import discrete_gaussian
+from ..image.smoothing import antialias_for_spacing
 from ..image.volume import Volume
 
 #: the spacing the network was trained at (the paper's 2 mm)
@@ -19,22 +19,13 @@ def _clipped(volume: Volume, modality: str | None) -> torch.Tensor:
     return data.clamp(-1024.0, 3071.0) if modality == "CT" else data
 
 
-def _antialiased(volume: Volume, spacing_mm: float) -> Volume:
-    """ITK's discrete Gaussian of σ = (spacing_mm − spacing) / 2 per axis (none along an axis already as
-    coarse), on the volume's own grid."""
-    sigmas = [max(0.0, 0.5 * (spacing_mm - s)) for s in volume.geometry.spacing]
-    if max(sigmas) > 0:
-        return discrete_gaussian(volume, [s * s for s in sigmas])  # ITK's filter, run in torch
-    return volume
-
-
 def smooth_for_disa(volume: Volume, spacing_mm: float = DISA_SPACING_MM, modality: str | None = None) -> Volume:
     """The part of :func:`prepare_for_disa` done on the volume's own grid: CT clipped, then anti-aliased for
     ``spacing_mm``.  Resampled onto any ``spacing_mm`` grid (through a rigid pose, say) and passed to
     :func:`prepare_for_disa`, it is described as if prepared from the full-resolution volume, without
     resampling the full-resolution volume again for every pose: the orientation bank and the resampled
     polish of DISA registration work this way (on a 2 mm input, the very same values)."""
-    return _antialiased(volume.with_data(_clipped(volume, modality)), spacing_mm)
+    return antialias_for_spacing(volume.with_data(_clipped(volume, modality)), spacing_mm)
 
 
 def prepare_for_disa(volume: Volume, spacing_mm: float = DISA_SPACING_MM, modality: str | None = None) -> Volume:
@@ -47,7 +38,7 @@ def prepare_for_disa(volume: Volume, spacing_mm: float = DISA_SPACING_MM, modali
     import SimpleITK as sitk
 
     data = _clipped(volume, modality)
-    image = _antialiased(volume.with_data(data), spacing_mm).to_sitk()
+    image = antialias_for_spacing(volume.with_data(data), spacing_mm).to_sitk()  # ITK's filter, in torch
     target = volume.geometry.resampled(spacing_mm)
     reference = sitk.Image(target.size_xyz, sitk.sitkFloat32)
     target.copy_to_sitk(reference)

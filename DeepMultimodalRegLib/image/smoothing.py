@@ -63,6 +63,16 @@ def discrete_gaussian(volume: Volume, variance_mm2, max_error: float = DEFAULT_M
     return volume.with_data(data[0, 0])
 
 
+def antialias_for_spacing(volume: Volume, spacing_mm: float) -> Volume:
+    """``volume`` smoothed before resampling it to ``spacing_mm``: σ = (spacing_mm − spacing) / 2 per axis,
+    none along an axis already as coarse (the rule MS-ODE's working grids and DISA's 2 mm grid share).
+    The volume itself (float32) when no axis needs smoothing."""
+    sigmas = [max(0.0, 0.5 * (float(spacing_mm) - s)) for s in volume.geometry.spacing]
+    if max(sigmas) > 0:
+        return discrete_gaussian(volume, [s * s for s in sigmas])
+    return volume.float()
+
+
 def _convolve_axis(x: torch.Tensor, kernel: tuple[float, ...], dim: int) -> torch.Tensor:
     """A symmetric 1D kernel along ``dim`` of [1, 1, D, H, W], replicate borders: a weighted sum of shifted
     views (several times faster on the CPU than conv3d with a 1D kernel, as for local_stats.box_mean_valid)."""

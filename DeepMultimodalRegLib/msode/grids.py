@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..errors import InvalidImageError, InvalidParameterError
 from ..image.geometry import ImageGeometry
 from ..image.normalize import percentile_scale
-from ..image.smoothing import discrete_gaussian
+from ..image.smoothing import antialias_for_spacing
 from ..image.volume import Volume
 
 IDENTITY_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -52,14 +52,12 @@ def level_geometries(grid: ImageGeometry, levels: int) -> list[ImageGeometry]:
 
 def resample_onto(volume: Volume, grid: ImageGeometry, antialias: bool = True, interpolation: str = "linear") -> Volume:
     """``volume`` resampled onto ``grid`` by SimpleITK (identity transform), Gaussian anti-aliased first
-    (ITK's discrete Gaussian, run in torch: :func:`~DeepMultimodalRegLib.image.smoothing.discrete_gaussian`)."""
+    (ITK's discrete Gaussian, run in torch: :func:`~DeepMultimodalRegLib.image.smoothing.antialias_for_spacing`)."""
     import SimpleITK as sitk
 
     source = volume.float().to("cpu")
     if antialias and interpolation == "linear":
-        sigmas = [max(0.0, 0.5 * (max(grid.spacing) - s)) for s in source.geometry.spacing]
-        if max(sigmas) > 0:
-            source = discrete_gaussian(source, [s * s for s in sigmas])
+        source = antialias_for_spacing(source, max(grid.spacing))
     image = source.to_sitk()
     reference = sitk.Image(grid.size_xyz, sitk.sitkFloat32)
     grid.copy_to_sitk(reference)

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from ..image.geometry import ImageGeometry
 from ..transforms.bspline import axis_weight_matrix
 from ..transforms.linear import RigidTransform, euler_zxy_matrix
-from ..transforms.sampling import affine_index_grid, physical_to_grid_matrix, sample_at_points, sample_grid
+from ..transforms.sampling import (affine_index_grid, index_to_sampling_matrix, physical_to_grid_matrix,
+                                  sample_at_points, sample_grid)
 
 
 def grid_points(geometry: ImageGeometry, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -65,11 +66,6 @@ def sample_moving(moving: torch.Tensor, geometry: ImageGeometry, mapped: torch.T
     return sample_at_points(moving, geometry, mapped, mode="bilinear", default_value=0.0)
 
 
-def to_grid_matrix(geometry: ImageGeometry, device=None) -> torch.Tensor:
-    """[4, 4] float64: physical points → ``grid_sample`` coordinates of an image on ``geometry``."""
-    return torch.as_tensor(physical_to_grid_matrix(geometry), dtype=torch.float64, device=device)
-
-
 def rigid_sampling_grid(theta: torch.Tensor, c_fixed: torch.Tensor, c_moving: torch.Tensor,
                         fixed_geometry: ImageGeometry, moving_geometry: ImageGeometry) -> torch.Tensor:
     """``grid_sample`` coordinates [B, D, H, W, 3] in the moving image of T_θ(x) at every voxel x of
@@ -80,16 +76,15 @@ def rigid_sampling_grid(theta: torch.Tensor, c_fixed: torch.Tensor, c_moving: to
     rounding; 1e-13 in float64), in one pass over the voxels instead of two, forward and backward.  At 64³,
     with MIND-SSC's forward and backward around it, the saving is within the 2-core VM's noise (61 → 57 ms
     in one A/B, 82 → 87 ms in another; docs/benchmarks.md, "MS-ODE hybrid")."""
-    h = rigid_homogeneous(theta, c_fixed, c_moving).double()
-    from_index = torch.as_tensor(fixed_geometry.index_to_physical_matrix(), dtype=torch.float64, device=theta.device)
-    m = (to_grid_matrix(moving_geometry, theta.device) @ h @ from_index)[:, :3, :].to(theta.dtype)
-    return affine_index_grid(m, 0, *fixed_geometry.shape)
+    m = index_to_sampling_matrix(rigid_homogeneous(theta, c_fixed, c_moving), fixed_geometry, moving_geometry)
+    return affine_index_grid(m.to(theta.dtype), 0, *fixed_geometry.shape)
 
 
 def homogeneous_sampling_grid(h: torch.Tensor, points: torch.Tensor, moving_geometry: ImageGeometry) -> torch.Tensor:
     """``grid_sample`` coordinates in the moving image of ``points`` [D, H, W, 3] or [B, D, H, W, 3] mapped by
     h [B, 4, 4]: the moving image's physical → grid map folded into h first (one pass over the points)."""
-    m = (to_grid_matrix(moving_geometry, h.device) @ h.double()).to(h.dtype)
+    to_grid = torch.as_tensor(physical_to_grid_matrix(moving_geometry), dtype=torch.float64, device=h.device)
+    m = (to_grid @ h.double()).to(h.dtype)
     return apply_homogeneous(m, points)
 
 

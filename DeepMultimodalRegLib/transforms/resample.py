@@ -14,7 +14,7 @@ from ..image.geometry import ImageGeometry
 from ..image.volume import Volume
 from .base import Transform
 from .linear import LinearTransform
-from .sampling import affine_index_grid, physical_to_grid_matrix, sample_at_points, sample_grid
+from .sampling import affine_index_grid, index_to_sampling_matrix, sample_at_points, sample_grid
 
 #: default working-memory budget of one resampling slab (points, indices, grid, output)
 DEFAULT_CHUNK_BYTES = 512 * 1024 ** 2
@@ -65,10 +65,7 @@ def resample_tensor(data: torch.Tensor, geometry: ImageGeometry, transform: Tran
 def _linear_index_to_grid(transform: LinearTransform, geometry: ImageGeometry,
                           reference: ImageGeometry) -> torch.Tensor:
     """[B, 3, 4]: reference voxel index (i, j, k, 1) → moving grid coordinates, through the transform."""
-    h = transform.homogeneous().double()
-    to_grid = torch.as_tensor(physical_to_grid_matrix(geometry), dtype=torch.float64, device=h.device)
-    from_index = torch.as_tensor(reference.index_to_physical_matrix(), dtype=torch.float64, device=h.device)
-    return (to_grid @ h @ from_index)[:, :3, :]
+    return index_to_sampling_matrix(transform.homogeneous(), reference, geometry)
 
 
 def resample(moving: Volume, transform: Transform, reference: ImageGeometry, interpolation: str = "linear",

@@ -57,6 +57,15 @@ def physical_to_continuous_index(points: torch.Tensor, geometry: ImageGeometry) 
     return apply_affine(points, torch.as_tensor(geometry.physical_to_index_matrix(), device=points.device))
 
 
+def index_to_sampling_matrix(h: torch.Tensor, reference: ImageGeometry, geometry: ImageGeometry) -> torch.Tensor:
+    """[B, 3, 4] float64: a voxel index (i, j, k, 1) of ``reference`` → ``grid_sample`` coordinates in an image on
+    ``geometry``, through the physical map h [B, 4, 4] (reference → image; differentiable in h)."""
+    h = h.double()
+    to_grid = torch.as_tensor(physical_to_grid_matrix(geometry), dtype=torch.float64, device=h.device)
+    from_index = torch.as_tensor(reference.index_to_physical_matrix(), dtype=torch.float64, device=h.device)
+    return (to_grid @ h @ from_index)[:, :3, :]
+
+
 def affine_index_grid(m: torch.Tensor, z0: int, z1: int, height: int, width: int) -> torch.Tensor:
     """``m`` [B, 3, 4] applied to the voxel indices (i, j, k, 1) of slices z0 … z1 − 1 of a grid:
     [B, z1 − z0, H, W, 3], by three broadcast sums (several times faster than a per-voxel matrix product;
