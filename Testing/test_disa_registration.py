@@ -277,8 +277,10 @@ def test_rigid_15mm_10deg_recovered_by_local_search(kirby):
     moving = misaligned_copy(t2, truth, margin_mm=20)
     initial = target_registration_error(RigidTransform.identity(center=t1.geometry.center), truth, points)
     assert initial["mean_mm"] > 15
-    for method, bound in (("mind-rigid", 1.5), ("disa-rigid", DISA_RIGID_BOUND_MM)):
-        result = _register(method, t1, moving)
+    for method, bound, extra in (("mind-rigid", 1.5, {}),
+                                 ("disa-rigid", DISA_RIGID_BOUND_MM, {"disa_precision": "float32"}),
+                                 ("disa-rigid", DISA_RIGID_BOUND_MM, {"disa_precision": "bfloat16"})):
+        result = _register(method, t1, moving, **extra)
         error = target_registration_error(result.transform, truth, points)
         assert error["mean_mm"] < bound, (method, error)
         assert result.figures["evaluations"] > 0
@@ -286,6 +288,7 @@ def test_rigid_15mm_10deg_recovered_by_local_search(kirby):
         assert sim > result.figures[f"{method.split('-')[0]}_similarity_before"]
         # the shipped DISA weights' known limits travel with their results; MIND-SSC has no weights
         assert ("weights_status" in result.figures) == method.startswith("disa")
+        assert result.figures.get("disa_precision") == extra.get("disa_precision")
 
 
 def test_disa_search_refined_on_mind_features_reaches_mind_accuracy(kirby):
@@ -364,6 +367,33 @@ def test_affine_stage_weighting_is_recorded_and_checked(sample_t1, sample_t2):
         assert step.figures["weighting"] == expected, (method, asked)
     with pytest.raises(InvalidParameterError, match="affine_weighting"):
         _register("disa-affine", sample_t1, sample_t2, affine_weighting="uniform")
+
+
+def test_disa_precision_is_resolved_for_the_machine_recorded_and_checked(sample_t1, sample_t2, monkeypatch):
+    """disa_precision="auto" (the default) is bfloat16 exactly where the CPU computes it natively; the
+    result says which ran; an unknown precision is refused before any work."""
+    from DeepMultimodalRegLib.disa import register as register_module
+    from DeepMultimodalRegLib.disa.register import disa_precision
+
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(register_module, "native_bfloat16", lambda device, answer=native: answer)
+        assert disa_precision({}, CPU) == disa_precision({"disa_precision": "auto"}, CPU) == expected
+        assert disa_precision({"disa_precision": "float32"}, CPU) == "float32"
+        assert disa_precision({"disa_precision": "bfloat16"}, CPU) == "bfloat16"
+    result = _register("disa-rigid", sample_t1, sample_t2, fine_iterations=2, coarse_iterations=2)
+    assert result.figures["disa_precision"] == "float32"  # native_bfloat16 still answers False here
+    with pytest.raises(InvalidParameterError, match="disa_precision"):
+        _register("disa-rigid", sample_t1, sample_t2, disa_precision="half")
+
+
+def test_native_bfloat16_follows_the_cpu_instruction_set(monkeypatch):
+    from DeepMultimodalRegLib.device import native_bfloat16
+
+    for flags, expected in (({"avx512_bf16": True}, True), ({"amx_bf16": True}, True),
+                            ({"avx512_f": True, "avx2": True}, False)):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda flags=flags: flags)
+        assert native_bfloat16(CPU) is expected
+    assert native_bfloat16(torch.device("cuda")) is False  # GPUs keep float32 (not measured in bfloat16)
 
 
 def test_support_weights_are_equal_where_the_fixed_image_has_structure():

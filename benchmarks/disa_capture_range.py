@@ -291,6 +291,8 @@ def run_method(method: str, fixed: Volume, moving: Volume, seed: int, args):
         extra = {"max_evaluations": args.lc2_max_evaluations}
     if method.startswith("disa") and args.disa_weights:
         extra["model"] = candidate_disa_network(args.disa_weights, args.device)
+    if method.startswith("disa"):
+        extra["disa_precision"] = args.disa_precision
     if method.startswith("disa") and args.disa_raw_descriptors:
         extra["disa_sign_symmetric"] = False
     options = RegistrationOptions(search=search, device=args.device, seed=seed, extra=extra)
@@ -576,6 +578,9 @@ def parse_args(argv=None):
     ap.add_argument("--points", type=int, default=2000, help="brain/body points of the error")
     ap.add_argument("--disa-raw-descriptors", action="store_true",
                     help="DISA methods use the raw network output, not the sign-symmetric descriptors (the default)")
+    ap.add_argument("--disa-precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="disa-*: the network passes' arithmetic (the library's default, auto: bfloat16 on a CPU "
+                         "that computes it natively, float32 elsewhere; each run's figures say which ran)")
     ap.add_argument("--disa-weights", type=Path, default=None,
                     help="disa-*: a DISA state_dict to measure instead of the shipped `disa` weights "
                          "(its SHA-256 goes into the record)")
@@ -625,7 +630,7 @@ def write_json(record: dict, path: Path) -> None:
 
 #: settings a resumed run must share with the record it continues
 _RESUME_KEYS = ("seed", "margin_mm", "starts", "range_deg", "range_mm", "success_mm", "points", "device",
-                "disa_weights", "ct_contrast")
+                "disa_weights", "ct_contrast", "disa_precision")
 
 
 def main(argv=None) -> dict:
@@ -670,6 +675,10 @@ def main(argv=None) -> dict:
         record["evaluation_cost"] = previous["evaluation_cost"]
     record["machine"]["simpleitk_threads"] = args.threads
     record["machine"]["heap_reuse"] = heap_reuse
+    from DeepMultimodalRegLib.device import native_bfloat16
+
+    # what disa_precision="auto" chooses on this machine (each run's figures say what ran)
+    record["machine"]["native_bfloat16"] = native_bfloat16(torch.device(args.device))
     if args.disa_weights:
         import hashlib
 

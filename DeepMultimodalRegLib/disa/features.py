@@ -70,6 +70,9 @@ class FeaturePair:
     #: DISA: every centred descriptor was scaled to unit length (the dot product is their cosine);
     #: maps computed later for this pair (:func:`with_new_moving`, :func:`with_new_fixed`) are made alike
     unit_length: bool = False
+    #: DISA: the arithmetic of the network passes that made the maps, and that maps computed later for
+    #: this pair use too ("float32" or "bfloat16", :func:`~..networks.disa_net.compute_descriptors`)
+    precision: str = "float32"
 
     def pooled(self, factor: int = 2) -> "FeaturePair":
         weight = _pool(self.weight[None], factor)[0]
@@ -192,7 +195,8 @@ def _masked_moving(prepared: Volume, moving_mask: Optional[Volume]) -> Volume:
 def disa_features(fixed: Volume, moving: Volume, device: torch.device, model: Optional[torch.nn.Module] = None,
                   fixed_mask: Optional[Volume] = None, moving_mask: Optional[Volume] = None,
                   fixed_modality: str | None = None, moving_modality: str | None = None,
-                  sign_symmetric: bool = True, output_stride: int = OUTPUT_STRIDE) -> FeaturePair:
+                  sign_symmetric: bool = True, output_stride: int = OUTPUT_STRIDE,
+                  precision: str = "float32") -> FeaturePair:
     """DISA descriptors of both volumes at the network's 2 mm spacing (descriptor grid 8 mm), centred
     (:func:`centring_vector`); :func:`unit_length_pair` turns them into the cosine the rigid stages use.
 
@@ -202,20 +206,23 @@ def disa_features(fixed: Volume, moving: Volume, device: torch.device, model: Op
     ``output_stride`` 2: the network run à trous, descriptors every 4 mm (the dense deformable
     stage's input; on the Kirby21 pair 3.4–6.1 s against the stride-4 pass's 3.1–3.4 s, 2 threads,
     docs/disa_dense_deformable_t2_2026-12-06b.json).
+    ``precision``: the network's arithmetic, "float32" or "bfloat16" (faster on CPUs that have it natively);
+    the pair keeps it for the maps computed for it later.
     """
     import time
 
     start = time.perf_counter()
     model = model if model is not None else load_disa_network("disa", device=device)
     phi_f, grid_f, weight = _disa_fixed_map(model, fixed, device, fixed_mask, fixed_modality, sign_symmetric,
-                                            output_stride)
+                                            output_stride, precision)
     common = centring_vector(phi_f, weight)
     moving_map = _disa_moving_map(model, moving, device, moving_mask, moving_modality, sign_symmetric, common,
-                                  False, output_stride)
+                                  False, output_stride, precision)
     name = "DISA" if output_stride == OUTPUT_STRIDE else f"DISA (stride {output_stride}, {DISA_SPACING_MM * output_stride:g} mm)"
     # the coarse search level pools to about 16 mm blocks whatever the map's own spacing
     return FeaturePair(FeatureMap(phi_f - common, grid_f), moving_map, weight, "dot", 1, name,
-                       time.perf_counter() - start, coarse_factor=2 * OUTPUT_STRIDE // output_stride, centre=common)
+                       time.perf_counter() - start, coarse_factor=2 * OUTPUT_STRIDE // output_stride, centre=common,
+                       precision=precision)
 
 
 def _compared(descriptors: torch.Tensor, centre: torch.Tensor, unit_length: bool) -> torch.Tensor:
@@ -227,20 +234,21 @@ def _compared(descriptors: torch.Tensor, centre: torch.Tensor, unit_length: bool
 
 
 def _disa_fixed_map(model: torch.nn.Module, fixed: Volume, device: torch.device, fixed_mask: Optional[Volume],
-                    fixed_modality: str | None, sign_symmetric: bool, output_stride: int = OUTPUT_STRIDE):
+                    fixed_modality: str | None, sign_symmetric: bool, output_stride: int = OUTPUT_STRIDE,
+                    precision: str = "float32"):
     """Uncentred fixed descriptors, their grid and the LC² weight of every descriptor location."""
     f = prepare_for_disa(fixed, DISA_SPACING_MM, fixed_modality)
     phi_f, grid_f = compute_descriptors(model, f.to(device), device, sign_symmetric=sign_symmetric,
-                                        output_stride=output_stride)
+                                        output_stride=output_stride, precision=precision)
     return phi_f, grid_f, location_weights(f, output_stride, fixed_mask, grid_f).to(phi_f.device)
 
 
 def _disa_moving_map(model: torch.nn.Module, moving: Volume, device: torch.device, moving_mask: Optional[Volume],
                      moving_modality: str | None, sign_symmetric: bool, common: torch.Tensor, unit_length: bool,
-                     output_stride: int = OUTPUT_STRIDE) -> FeatureMap:
+                     output_stride: int = OUTPUT_STRIDE, precision: str = "float32") -> FeatureMap:
     m = _masked_moving(prepare_for_disa(moving, DISA_SPACING_MM, moving_modality), moving_mask)
     phi_m, grid_m = compute_descriptors(model, m.to(device), device, sign_symmetric=sign_symmetric,
-                                        output_stride=output_stride)
+                                        output_stride=output_stride, precision=precision)
     return FeatureMap(_compared(phi_m, common, unit_length), grid_m)
 
 
@@ -259,9 +267,8 @@ def with_new_moving(pair: FeaturePair, moving: Volume, device: torch.device,
     start = time.perf_counter()
     model = model if model is not None else load_disa_network("disa", device=device)
     moving_map = _disa_moving_map(model, moving, device, moving_mask, moving_modality, sign_symmetric, pair.centre,
-                                  pair.unit_length)
-    return FeaturePair(pair.fixed, moving_map, pair.weight, pair.comparison, pair.point_stride, pair.name,
-                       time.perf_counter() - start, pair.coarse_factor, pair.centre, pair.unit_length)
+                                  pair.unit_length, precision=pair.precision)
+    return replace(pair, moving=moving_map, seconds=time.perf_counter() - start)
 
 
 def with_new_fixed(pair: FeaturePair, fixed: Volume, device: torch.device,
@@ -275,10 +282,10 @@ def with_new_fixed(pair: FeaturePair, fixed: Volume, device: torch.device,
         raise InvalidParameterError("only a DISA feature pair can take a new fixed map")
     start = time.perf_counter()
     model = model if model is not None else load_disa_network("disa", device=device)
-    phi_f, grid_f, weight = _disa_fixed_map(model, fixed, device, fixed_mask, fixed_modality, sign_symmetric)
-    return FeaturePair(FeatureMap(_compared(phi_f, pair.centre, pair.unit_length), grid_f), pair.moving, weight,
-                       pair.comparison, pair.point_stride, pair.name, time.perf_counter() - start, pair.coarse_factor,
-                       pair.centre, pair.unit_length)
+    phi_f, grid_f, weight = _disa_fixed_map(model, fixed, device, fixed_mask, fixed_modality, sign_symmetric,
+                                            precision=pair.precision)
+    return replace(pair, fixed=FeatureMap(_compared(phi_f, pair.centre, pair.unit_length), grid_f), weight=weight,
+                   seconds=time.perf_counter() - start)
 
 
 def centring_vector(descriptors: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -319,5 +326,6 @@ def feature_pair(kind: str, fixed: Volume, moving: Volume, device: torch.device,
     if kind == "mind":
         kwargs.pop("model", None)
         kwargs.pop("sign_symmetric", None)
+        kwargs.pop("precision", None)
         return mind_features(fixed, moving, device, **kwargs)
     raise InvalidParameterError(f"unknown feature kind {kind!r}; use 'disa' or 'mind'")

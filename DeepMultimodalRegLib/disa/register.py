@@ -15,6 +15,8 @@ Options in ``RegistrationOptions.extra``: ``starts``, ``range_deg``, ``range_mm`
 ("dense" | "bspline"), ``control_spacing_mm``, ``model`` (a DISA network already loaded),
 ``fixed_modality``/``moving_modality`` ("CT" | "MR", guessed otherwise), ``disa_sign_symmetric``
 (default True: DISA descriptors averaged over each image and its negative; False: the raw network),
+``disa_precision`` (the network passes' arithmetic: "auto", the default, bfloat16 on a CPU that computes it
+natively and float32 elsewhere; "float32"; "bfloat16"; the result's figures say which ran),
 ``disa_comparison`` (the rigid stages': "cosine", the default, centred descriptors scaled to unit
 length, so the similarity is their cosine, :func:`.features.unit_length_pair`; "dot": the centred dot
 product, which the affine stage always uses),
@@ -51,7 +53,8 @@ from ..device import describe_device, resolve_device
 from ..errors import InvalidParameterError
 from ..image.validation import validate_registration_input
 from ..image.volume import Volume
-from ..networks.disa_net import OUTPUT_STRIDES, load_disa_network
+from ..device import native_bfloat16
+from ..networks.disa_net import OUTPUT_STRIDES, PRECISIONS, load_disa_network
 from ..methods.registry import RegistrationOptions
 from ..progress import ProgressScope
 from ..result import RegistrationResult, RegistrationStep
@@ -69,7 +72,7 @@ _EXTRA_KEYS = {"starts", "range_deg", "range_mm", "initial", "deformable", "cont
                "fixed_modality", "moving_modality", "coarse_points", "fine_points", "coarse_iterations",
                "fine_iterations", "keep", "memory_budget_bytes", "dense", "disa_sign_symmetric", "refine",
                "coarse_x_tolerance_mm", "coarse_f_tolerance", "affine_weighting", "dense_descriptor_stride",
-               "dense_disa_comparison", "disa_comparison"}
+               "dense_disa_comparison", "disa_comparison", "disa_precision"}
 #: what ``extra["refine"]`` may name: the features of a local rigid polish after the DISA search
 #: ("disa": DISA again, on the moving image resampled at the found pose, see :func:`_resampled_polish`;
 #: "none": the DISA search's pose as it is)
@@ -98,6 +101,12 @@ DEFAULT_DENSE_DESCRIPTOR_STRIDE = 2
 #: chest-CT capture range 5 → 7 of 8 under 2 mm (rigid stages)
 DISA_COMPARISONS = ("cosine", "dot")
 DEFAULT_DISA_COMPARISON = DEFAULT_DENSE_DISA_COMPARISON = "cosine"
+#: what ``extra["disa_precision"]`` may name: the arithmetic of every DISA network pass of a run.  "auto",
+#: the default: bfloat16 where the CPU computes it natively (:func:`~..device.native_bfloat16`), float32
+#: elsewhere (GPUs included).  Why: there a pass takes half the time, and the network passes are most of a
+#: global search's time (chest CT: 19 of 32 s); the capture-range cases end as well in bfloat16 as in
+#: float32 (docs/benchmarks.md, "DISA in bfloat16")
+DISA_PRECISIONS = ("auto",) + PRECISIONS
 
 
 def _boxes_overlap(a: Volume, b: Volume) -> bool:
@@ -145,9 +154,20 @@ def _check_extra(options: RegistrationOptions) -> None:
                          ("dense_disa_comparison", DEFAULT_DENSE_DISA_COMPARISON)):
         if options.extra.get(key, default) not in DISA_COMPARISONS:
             raise InvalidParameterError(f"{key} must be one of {DISA_COMPARISONS}, got {options.extra.get(key)!r}")
+    if options.extra.get("disa_precision", "auto") not in DISA_PRECISIONS:
+        raise InvalidParameterError(f"disa_precision must be one of {DISA_PRECISIONS}, got "
+                                    f"{options.extra.get('disa_precision')!r}")
     initial = options.extra.get("initial")
     if initial is not None and not isinstance(initial, LinearTransform):
         raise InvalidParameterError("the initial transform must be a linear (rigid or affine) transform")
+
+
+def disa_precision(extra: dict, device: torch.device) -> str:
+    """The DISA network's arithmetic for a run: ``extra["disa_precision"]``, with "auto" resolved for ``device``."""
+    chosen = extra.get("disa_precision", "auto")
+    if chosen != "auto":
+        return chosen
+    return "bfloat16" if native_bfloat16(device) else "float32"
 
 
 def _refinement(kind: str, extra: dict):
@@ -197,7 +217,8 @@ def _register(kind: str, mode: str, fixed: Volume, moving: Volume, options: Regi
     model = extra.get("model")
     if kind == "disa" and model is None:
         model = load_disa_network("disa", device=device)
-    pair: FeaturePair = feature_pair(kind, fixed, moving, device, model=model,
+    precision = disa_precision(extra, device)
+    pair: FeaturePair = feature_pair(kind, fixed, moving, device, model=model, precision=precision,
                                      sign_symmetric=bool(extra.get("disa_sign_symmetric", True)),
                                      fixed_mask=options.fixed_mask, moving_mask=options.moving_mask,
                                      fixed_modality=extra.get("fixed_modality"),
@@ -287,7 +308,7 @@ def _register(kind: str, mode: str, fixed: Volume, moving: Volume, options: Regi
     if mode == "deformable":
         deformable_pair = pair
         if pair.comparison == "dot" and extra.get("deformable", "dense") == "dense":
-            deformable_pair = _dense_disa_pair(fixed, moving, extra, options, model, device)
+            deformable_pair = _dense_disa_pair(fixed, moving, extra, options, model, device, precision)
             history.append(RegistrationStep(f"features for the dense stage ({deformable_pair.name})",
                                             deformable_pair.seconds))
         transform, step = _deformable(deformable_pair, transform, fixed, extra, local, options, scope.sub(0.75, 1.0),
@@ -304,6 +325,8 @@ def _register(kind: str, mode: str, fixed: Volume, moving: Volume, options: Regi
         "evaluations": evaluations, "search": settings.search, "features": pair.name,
         "feature_points": fine.point_count, "seed": options.seed, "refine": refine or "none", **refined,
     }
+    if kind == "disa":
+        figures["disa_precision"] = precision
     if kind == "disa" and extra.get("model") is None:
         from ..weights.manifest import model_status
 
@@ -422,7 +445,7 @@ def _residual_motion_mm(residual: RigidTransform, rigid_p: RigidParametrization)
 
 
 def _dense_disa_pair(fixed: Volume, moving: Volume, extra: dict, options: RegistrationOptions,
-                     model: torch.nn.Module, device: torch.device) -> FeaturePair:
+                     model: torch.nn.Module, device: torch.device, precision: str = "float32") -> FeaturePair:
     """The DISA maps the dense stage compares, at ``extra["dense_descriptor_stride"]`` and compared as
     ``extra["dense_disa_comparison"]`` says."""
     stride = extra.get("dense_descriptor_stride", DEFAULT_DENSE_DESCRIPTOR_STRIDE)
@@ -430,7 +453,7 @@ def _dense_disa_pair(fixed: Volume, moving: Volume, extra: dict, options: Regist
                         sign_symmetric=bool(extra.get("disa_sign_symmetric", True)),
                         fixed_mask=options.fixed_mask, moving_mask=options.moving_mask,
                         fixed_modality=extra.get("fixed_modality"), moving_modality=extra.get("moving_modality"),
-                        output_stride=stride)
+                        output_stride=stride, precision=precision)
     compared = extra.get("dense_disa_comparison", DEFAULT_DENSE_DISA_COMPARISON)
     return cosine_pair(pair) if compared == "cosine" else pair
 
