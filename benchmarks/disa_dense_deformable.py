@@ -75,6 +75,8 @@ def method_extra(args) -> dict:
         extra["dense_disa_comparison"] = args.dense_disa_comparison
     if args.disa_comparison:
         extra["disa_comparison"] = args.disa_comparison
+    if args.disa_precision:
+        extra["disa_precision"] = args.disa_precision
     if args.dense:
         extra["dense"] = DenseSettings(**args.dense).validated()
     return extra
@@ -106,6 +108,8 @@ def run_case(pair, case: int, args) -> dict:
         row = {"mean_error_mm": target_registration_error(result.transform, truth, pair.points)["mean_mm"],
                "folding_percent": result.figures.get("folding_percent"), "seconds": round(seconds, 1),
                "stages": {h.name: round(h.seconds, 1) for h in result.history}}
+        if "disa_precision" in result.figures:
+            row["disa_precision"] = result.figures["disa_precision"]
         if moving_labels is not None:
             warped_labels = warp_volume(moving_labels, result.transform, fixed.geometry, interpolation="nearest")
             row["dice"] = mean_dice(warped_labels.data.round(), labels.data, present)
@@ -147,6 +151,8 @@ def main(argv=None) -> dict:
                         help="disa-deformable: how the dense stage compares descriptors (default: the engine's)")
     parser.add_argument("--disa-comparison", choices=DISA_COMPARISONS, default=None,
                         help="disa-*: how the linear stages compare descriptors (default: the engine's)")
+    parser.add_argument("--disa-precision", choices=("auto", "float32", "bfloat16"), default=None,
+                        help="disa-*: the network passes' arithmetic (default: the library's, auto)")
     parser.add_argument("--dense", type=_dense_overrides, default=None,
                         help="dense-stage settings, e.g. smoothing_sigma_mm=16,patch_sigma_mm=8 (default: the engine's)")
     parser.add_argument("--device", default="cpu")

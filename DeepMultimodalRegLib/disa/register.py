@@ -49,11 +49,10 @@ from dataclasses import fields, replace
 import numpy as np
 import torch
 
-from ..device import describe_device, resolve_device
+from ..device import describe_device, native_bfloat16, resolve_device
 from ..errors import InvalidParameterError
 from ..image.validation import validate_registration_input
 from ..image.volume import Volume
-from ..device import native_bfloat16
 from ..networks.disa_net import OUTPUT_STRIDES, PRECISIONS, load_disa_network
 from ..methods.registry import RegistrationOptions
 from ..progress import ProgressScope
