@@ -191,6 +191,9 @@ def test_status_text_carries_the_known_limits_of_the_weights_used():
     disa = SimpleNamespace(method="disa-rigid", seconds=2.0, device="cpu",
                            figures={"weights_status": "preliminary: 2 mm off on T2"})
     assert summarise(disa).splitlines()[1] == "Weights: preliminary: 2 mm off on T2"
+    assert "bfloat16" not in summarise(disa)
+    fast = SimpleNamespace(method="disa-rigid", seconds=2.0, device="cpu", figures={"disa_precision": "bfloat16"})
+    assert summarise(fast) == "disa-rigid: 2.0 s on cpu (DISA network in bfloat16)"
 
 
 def test_refine_setting_reaches_disa_methods_only(scene, misaligned_pair):

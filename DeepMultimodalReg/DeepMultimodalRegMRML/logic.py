@@ -94,6 +94,10 @@ def summarise(result: RegistrationResult) -> str:
     the known limits of the shipped weights the method used, where the manifest states any."""
     figures = result.figures
     text = f"{result.method}: {result.seconds:.1f} s on {result.device}"
+    if figures.get("disa_precision") == "bfloat16":
+        # said because it is machine-dependent: the same inputs give slightly different poses on a CPU
+        # without native bfloat16, where the network runs in float32
+        text += " (DISA network in bfloat16)"
     before, after = figures.get("similarity_before"), figures.get("similarity_after")
     if isinstance(before, (int, float)) and isinstance(after, (int, float)):
         text += f"; similarity {before:.3f} → {after:.3f}"
