@@ -418,8 +418,9 @@ def compute_descriptors(model: nn.Module, volume: Volume, device: str | torch.de
       On a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX, :func:`~..device.native_bfloat16`)
       a pass takes about half the time (a 105×133×180 grid, the chest CT's, both signs, 2 threads: 1.17 →
       0.61 s), and the sign-symmetric maps of the benchmark's chest CT and Kirby21 images differ from
-      float32 by 0.8–1.3% of their norm (docs/benchmarks.md, "DISA in bfloat16").  On other CPUs bfloat16 is emulated and slower: the
-      registration engine asks for it only where it is native (``disa_precision="auto"``).
+      float32 by 0.8–1.3% of their norm (docs/benchmarks.md, "DISA in bfloat16").  On other CPUs
+      bfloat16 is emulated and slower: the registration engine asks for it only where it is native
+      (``disa_precision="auto"``).
     * A CUDA out-of-memory error retries in slabs of 64 slices, then on the CPU, with a warning.
     """
     if not isinstance(volume, Volume):
