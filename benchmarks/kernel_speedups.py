@@ -17,10 +17,14 @@
    sampling coordinates by one folded affine map (``msode.warp.rigid_sampling_grid``) against physical points
    mapped by T_θ, then converted (the path it replaced), forward and backward through a MIND-SSC distance.
 
-Each pair is checked for equal outputs first (1e-9 mm for the warp points; bit for bit for the box means;
+6. DISA's network in bfloat16 (fourteenth session): one sign-symmetric pass of the shipped weights over the
+   chest CT and Kirby21 T1/T2 prepared for the 2 mm grid, ``precision="bfloat16"`` against float32; the maps'
+   relative difference is reported, not required to vanish (bfloat16 keeps 8 significant bits).
+
+Each of the first five pairs is checked for equal outputs first (1e-9 mm for the warp points; bit for bit for the box means;
 gradients to float rounding for MIND-SSC, whose forward is shared).
 
-    python benchmarks/kernel_speedups.py [--threads 2] [--repeats 5] [--json out/kernel_speedups.json]
+    python benchmarks/kernel_speedups.py [--threads 2] [--repeats 5] [--only ROWS] [--json out/kernel_speedups.json]
 """
 
 from __future__ import annotations
@@ -148,14 +152,13 @@ def antialiasing(repeats: int) -> dict:
     import SimpleITK as sitk
 
     from DeepMultimodalRegLib.image.io import read_volume
-    from DeepMultimodalRegLib.image.smoothing import discrete_gaussian
+    from DeepMultimodalRegLib.image.smoothing import antialias_variances, discrete_gaussian
 
     out = {}
     for name, path in (("chest_ct", SHARED / "ct_chest_lidc0001" / "ct.nii.gz"),
                        ("kirby21_flair", SHARED / "mr_kirby21_113" / "flair.nii.gz")):
         scan = read_volume(path, name=name).float()
-        # DISA's preparation for its 2 mm grid (disa/preprocess.py): σ = (2 − spacing) / 2 per axis
-        variances = [max(0.0, 0.5 * (2.0 - s)) ** 2 for s in scan.geometry.spacing]
+        variances = antialias_variances(scan.geometry.spacing, 2.0)  # DISA's preparation for its 2 mm grid
         image = scan.to_sitk()
         ours = discrete_gaussian(scan, variances).data
         theirs = torch.from_numpy(sitk.GetArrayFromImage(sitk.DiscreteGaussian(image, variances, 64, 0.01, True)))
@@ -203,25 +206,61 @@ def msode_rigid_warp(repeats: int) -> dict:
             "speedup": round(times["points_s"] / times["folded_s"], 2)}
 
 
+def disa_bfloat16(repeats: int) -> dict:
+    """One sign-symmetric DISA pass (the shipped weights) over real scans prepared for the 2 mm grid, in float32
+    and in bfloat16 (``compute_descriptors(precision=...)``): time and how far the maps differ."""
+    from DeepMultimodalRegLib.device import native_bfloat16
+    from DeepMultimodalRegLib.disa.preprocess import prepare_for_disa
+    from DeepMultimodalRegLib.image.io import read_volume
+    from DeepMultimodalRegLib.networks.disa_net import compute_descriptors, load_disa_network
+
+    model = load_disa_network("disa")
+    out = {"native_bfloat16": native_bfloat16(torch.device("cpu"))}
+    for name, path in (("chest_ct", SHARED / "ct_chest_lidc0001" / "ct.nii.gz"),
+                       ("kirby21_t1", SHARED / "mr_kirby21_113" / "t1_mprage.nii.gz"),
+                       ("kirby21_t2", SHARED / "mr_kirby21_113" / "t2.nii.gz")):
+        prepared = prepare_for_disa(read_volume(path, name=name))
+
+        def run(precision):
+            return compute_descriptors(model, prepared, "cpu", sign_symmetric=True, precision=precision)[0]
+
+        full, half = run("float32"), run("bfloat16")
+        out[name] = {"grid": list(prepared.shape),
+                     "relative_map_difference": float((half - full).norm() / full.norm()),
+                     "max_descriptor_difference": float((half - full).norm(dim=0).max()),
+                     "float32_s": round(best_time(lambda: run("float32"), repeats), 4),
+                     "bfloat16_s": round(best_time(lambda: run("bfloat16"), repeats), 4)}
+        out[name]["speedup"] = round(out[name]["float32_s"] / out[name]["bfloat16_s"], 2)
+    return out
+
+
+#: the rows, by the name --only takes
+ROWS = {"bspline_warp": bspline_warp, "box_mean": box_means, "mind_backward": mind_backward,
+        "antialiasing": antialiasing, "msode_rigid_warp": msode_rigid_warp, "disa_bfloat16": disa_bfloat16}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2, help="torch and SimpleITK threads")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per variant (the fastest is kept)")
     ap.add_argument("--json", type=Path, default=None, help="also write the record here")
+    ap.add_argument("--only", default=",".join(ROWS), help=f"comma-separated rows to run, from {', '.join(ROWS)}")
     args = ap.parse_args(argv)
     import SimpleITK as sitk
 
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
+    rows = [r.strip() for r in args.only.split(",") if r.strip()]
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     record = {"benchmark": "CPU speed-ups: B-spline grid warp, box means, MIND-SSC backward, anti-aliasing, "
-                           "MS-ODE rigid warp",
+                           "MS-ODE rigid warp, DISA in bfloat16",
               "date": time.strftime("%Y-%m-%d"),
               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "torch": torch.__version__, "threads": args.threads,
-                          "load_average_at_start": list(os.getloadavg())},
-              "bspline_warp": bspline_warp(args.repeats), "box_mean": box_means(args.repeats),
-              "mind_backward": mind_backward(args.repeats), "antialiasing": antialiasing(args.repeats),
-              "msode_rigid_warp": msode_rigid_warp(args.repeats)}
+                          "load_average_at_start": list(os.getloadavg())}}
+    record.update({row: ROWS[row](args.repeats) for row in rows})
     print(json.dumps(record, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -63,13 +63,18 @@ def discrete_gaussian(volume: Volume, variance_mm2, max_error: float = DEFAULT_M
     return volume.with_data(data[0, 0])
 
 
+def antialias_variances(spacing, spacing_mm: float) -> list[float]:
+    """Gaussian variances (mm², per axis of ``spacing``) before resampling to ``spacing_mm``: σ = (spacing_mm −
+    spacing) / 2, zero along an axis already as coarse (the rule MS-ODE's working grids and DISA's 2 mm grid share)."""
+    return [max(0.0, 0.5 * (float(spacing_mm) - s)) ** 2 for s in spacing]
+
+
 def antialias_for_spacing(volume: Volume, spacing_mm: float) -> Volume:
-    """``volume`` smoothed before resampling it to ``spacing_mm``: σ = (spacing_mm − spacing) / 2 per axis,
-    none along an axis already as coarse (the rule MS-ODE's working grids and DISA's 2 mm grid share).
-    The volume itself (float32) when no axis needs smoothing."""
-    sigmas = [max(0.0, 0.5 * (float(spacing_mm) - s)) for s in volume.geometry.spacing]
-    if max(sigmas) > 0:
-        return discrete_gaussian(volume, [s * s for s in sigmas])
+    """``volume`` smoothed before resampling it to ``spacing_mm`` (:func:`antialias_variances`); the volume
+    itself (float32) when no axis needs smoothing."""
+    variances = antialias_variances(volume.geometry.spacing, spacing_mm)
+    if max(variances) > 0:
+        return discrete_gaussian(volume, variances)
     return volume.float()
 
 

@@ -416,9 +416,9 @@ def compute_descriptors(model: nn.Module, volume: Volume, device: str | torch.de
     * ``precision``: "float32" (default), or "bfloat16": the convolutions run in bfloat16 (torch's
       autocast; activations rounded to 8 significant bits), the norm clipping and the result in float32.
       On a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX, :func:`~..device.native_bfloat16`)
-      a pass takes about half the time (a 105×133×180 grid, the chest CT's, both signs, 2 threads: 1.17 →
-      0.61 s), and the sign-symmetric maps of the benchmark's chest CT and Kirby21 images differ from
-      float32 by 0.8–1.3% of their norm (docs/benchmarks.md, "DISA in bfloat16").  On other CPUs
+      a pass takes about half the time (the chest CT at 2 mm, both signs, 2 threads: 2.59 → 1.37 s), and
+      the sign-symmetric maps of the chest CT and Kirby21 T1/T2 differ from float32 by 1.0–1.5% of their
+      norm (benchmarks/kernel_speedups.py --only disa_bfloat16; docs/benchmarks.md, "DISA in bfloat16").  On other CPUs
       bfloat16 is emulated and slower: the registration engine asks for it only where it is native
       (``disa_precision="auto"``).
     * A CUDA out-of-memory error retries in slabs of 64 slices, then on the CPU, with a warning.
